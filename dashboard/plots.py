@@ -1,0 +1,243 @@
+"""Figures for the pages: plotly, and one Altair chart where plotly cannot.
+
+Functions here take plain tables and arrays and return figures; they never
+touch streamlit, so they are cheap to test.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+MODALITY_COLORS = {"image": "#1f77b4", "text": "#ff7f0e"}
+SAE_DASH = {"mp": "solid", "topk": "dash"}
+SAE_NAMES = {"mp": "MP-SAE", "topk": "TopK SAE"}
+
+
+def _compact(fig: go.Figure, height: int = 320) -> go.Figure:
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def fvu_by_k(data: pd.DataFrame) -> go.Figure:
+    """FVU against k: one line per SAE and modality (log y)."""
+    data = data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
+    fig = px.line(
+        data.sort_values("k"),
+        x="k",
+        y="fvu",
+        color="modality",
+        line_dash="sae",
+        markers=True,
+        log_y=True,
+        color_discrete_map=MODALITY_COLORS,
+        labels={"fvu": "fraction of variance unexplained", "k": "k (steps)"},
+        title="FVU against k",
+    )
+    return _compact(fig)
+
+
+def l0_distribution(data: pd.DataFrame) -> go.Figure:
+    """How many atoms each input uses, per SAE and modality (bars)."""
+    data = data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
+    fig = px.bar(
+        data,
+        x="l0",
+        y="count",
+        color="modality",
+        facet_col="sae",
+        barmode="group",
+        color_discrete_map=MODALITY_COLORS,
+        labels={"l0": "L0 (distinct atoms per input)", "count": "inputs"},
+        title="L0 distribution",
+    )
+    return _compact(fig)
+
+
+def cosine_histograms(samples: dict[str, np.ndarray]) -> go.Figure:
+    """Overlaid histograms of cosines, one per named sample (probability)."""
+    fig = go.Figure()
+    for name, values in samples.items():
+        fig.add_trace(
+            go.Histogram(x=values, name=name, histnorm="probability", opacity=0.6)
+        )
+    fig.update_layout(
+        barmode="overlay",
+        title="Cosine between atoms: picked one after the other vs random pairs",
+        xaxis_title="cosine",
+        yaxis_title="share of pairs",
+    )
+    return _compact(fig)
+
+
+def hierarchy_lines(data: pd.DataFrame) -> go.Figure:
+    """Accuracy of predicting each hierarchy level from the atom at step t."""
+    data = data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
+    fig = px.line(
+        data.sort_values("step"),
+        x="step",
+        y="accuracy",
+        color="level",
+        line_dash="sae",
+        markers=True,
+        labels={"step": "pick step", "accuracy": "accuracy"},
+        title="Hierarchy agreement per pick step",
+    )
+    return _compact(fig)
+
+
+def counts_bar(
+    counts: np.ndarray, labels: np.ndarray, title: str, x_title: str
+) -> go.Figure:
+    """A plain bar chart of counts over labelled bins."""
+    fig = go.Figure(go.Bar(x=labels, y=counts, marker_color="#4c78a8"))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="count")
+    return _compact(fig, height=260)
+
+
+def coefficient_histogram(counts: np.ndarray, edges: np.ndarray) -> go.Figure:
+    """An atom's coefficient histogram from stored counts and bin edges."""
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig = counts_bar(counts, centers, "Coefficients", "coefficient")
+    fig.update_traces(width=np.diff(edges) * 0.95)
+    return fig
+
+
+def pick_step_histogram(counts: np.ndarray) -> go.Figure:
+    """How often an atom was picked at step 1, 2, ..., k."""
+    steps = np.arange(1, len(counts) + 1)
+    return counts_bar(counts, steps, "Pick steps", "step")
+
+
+def modality_histogram(scores: pd.Series, marked: float | None = None) -> go.Figure:
+    """Histogram of atoms' modality scores (0 = text only, 1 = image only)."""
+    fig = px.histogram(
+        scores.dropna(),
+        nbins=40,
+        labels={"value": "modality score (0 text only, 1 image only)"},
+        title="Modality score of the atoms",
+    )
+    fig.update_layout(showlegend=False, yaxis_title="atoms")
+    if marked is not None:
+        fig.add_vline(x=marked, line_color="red", annotation_text="this atom")
+    return _compact(fig, height=280)
+
+
+def modality_gap(points: pd.DataFrame, gap: float | None) -> go.Figure:
+    """Image and text embeddings on their top two principal components.
+
+    ``points`` has columns ``pc1``, ``pc2``, ``modality`` and ``name``; the
+    centroid of each modality is drawn as a large marker and joined by a line.
+    """
+    fig = px.scatter(
+        points,
+        x="pc1",
+        y="pc2",
+        color="modality",
+        hover_name="name",
+        opacity=0.5,
+        color_discrete_map=MODALITY_COLORS,
+    )
+    centroids = points.groupby("modality")[["pc1", "pc2"]].mean()
+    fig.add_trace(
+        go.Scatter(
+            x=centroids["pc1"],
+            y=centroids["pc2"],
+            mode="lines+markers+text",
+            text=[f"{name} centroid" for name in centroids.index],
+            textposition="top center",
+            marker=dict(size=16, color="black", symbol="x"),
+            line=dict(color="black", dash="dot"),
+            name="centroids",
+        )
+    )
+    title = "Modality gap (top two principal components)"
+    if gap is not None:
+        title += f": centroid distance {gap:.3f}"
+    fig.update_layout(title=title)
+    return _compact(fig, height=420)
+
+
+def trace_curves(steps: pd.DataFrame, title: str) -> go.Figure:
+    """Residual norm and cumulative FVU along one pursuit."""
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(x=steps["step"], y=steps["residual norm"], name="residual norm")
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=steps["step"],
+            y=steps["cumulative FVU"],
+            name="cumulative FVU",
+            yaxis="y2",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title="step",
+        yaxis=dict(title="residual norm", rangemode="tozero"),
+        yaxis2=dict(title="FVU", overlaying="y", side="right", rangemode="tozero"),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    return _compact(fig, height=300)
+
+
+ATLAS_COLOR_TITLES = {
+    "modality_score": "modality score",
+    "frequency": "frequency",
+    "mean_pick_step": "typical pick step",
+    "label": "label",
+}
+
+
+def atlas_chart(points: pd.DataFrame, color: str) -> alt.Chart:
+    """The UMAP map of atoms as an Altair chart with a click selection.
+
+    Altair (Vega-Lite) rather than plotly because its tooltip renders a field
+    named ``image`` as a picture, which gives the hover thumbnail; plotly's
+    hover labels cannot show images. ``points`` needs columns atom, umap_x,
+    umap_y, label, frequency, modality_score, mean_pick_step and image (a
+    data URI, may be empty). The selection is named ``atom``.
+    """
+    title = ATLAS_COLOR_TITLES[color]
+    if color == "label":
+        top = points["label"].value_counts().index[:9]
+        points = points.assign(
+            label_group=points["label"].where(points["label"].isin(top), "other")
+        )
+        encoding = alt.Color("label_group:N", title="label (top 9)")
+    elif color == "frequency":
+        encoding = alt.Color(
+            "frequency:Q", title=title, scale=alt.Scale(type="log", scheme="viridis")
+        )
+    elif color == "modality_score":
+        encoding = alt.Color(
+            "modality_score:Q",
+            title=title,
+            scale=alt.Scale(scheme="redblue", domain=[0, 1], reverse=True),
+        )
+    else:
+        encoding = alt.Color(f"{color}:Q", title=title, scale=alt.Scale(scheme="plasma"))
+    select = alt.selection_point(name="atom", fields=["atom"], on="click")
+    return (
+        alt.Chart(points)
+        .mark_circle(size=40)
+        .encode(
+            x=alt.X("umap_x:Q", axis=None),
+            y=alt.Y("umap_y:Q", axis=None),
+            color=encoding,
+            opacity=alt.condition(select, alt.value(0.85), alt.value(0.3)),
+            tooltip=[
+                alt.Tooltip("atom:Q", title="atom"),
+                alt.Tooltip("label:N", title="label"),
+                alt.Tooltip("modality_score:Q", title="modality", format=".2f"),
+                alt.Tooltip("frequency:Q", title="frequency", format=".4f"),
+                alt.Tooltip("image:N"),
+            ],
+        )
+        .add_params(select)
+        .properties(height=620)
+    )

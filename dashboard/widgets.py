@@ -1,0 +1,175 @@
+"""Widgets shared by the pages: cache picker, guards, links, grids, uploads."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import streamlit as st
+from PIL import Image, UnidentifiedImageError
+
+from dashboard import loaders
+from dashboard.loaders import CacheError, CacheRef
+
+logger = logging.getLogger(__name__)
+
+CACHE_STATE = "atlas_cache"
+ATOMS_PAGE = "dashboard/pages/atoms.py"
+UPLOAD_MAX_BYTES = 8 * 1024 * 1024
+UPLOAD_MAX_PIXELS = 40_000_000
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "gif", "bmp"]
+
+
+def sidebar_cache_picker() -> CacheRef | None:
+    """Pick a built cache in the sidebar; remember it in the session state.
+
+    Returns None (and shows the build command) when no cache is built.
+    """
+    refs = loaders.list_caches()
+    if not refs:
+        st.session_state.pop(CACHE_STATE, None)
+        return None
+    by_key = {ref.key: ref for ref in refs}
+    keys = list(by_key)
+    current = st.session_state.get(CACHE_STATE)
+    index = keys.index(current.key) if current and current.key in by_key else 0
+    key = st.sidebar.selectbox(
+        "Cache",
+        keys,
+        index=index,
+        help=f"Built caches under {loaders.cache_root()}",
+        key="cache_picker",
+    )
+    st.session_state[CACHE_STATE] = by_key[key]
+    _sidebar_cache_caption(by_key[key])
+    return by_key[key]
+
+
+def _sidebar_cache_caption(ref: CacheRef) -> None:
+    try:
+        data = loaders.manifest(ref)
+    except (CacheError, OSError, ValueError):
+        return
+    inputs = data.get("inputs", {})
+    sae = inputs.get("sae", {})
+    st.sidebar.caption(
+        f"model `{loaders.model_spec(ref)}` · corpus "
+        f"`{loaders.corpus_spec(ref) or 'default'}` · "
+        f"{sae.get('n_atoms', '?')} atoms, k = {sae.get('k', '?')}"
+    )
+
+
+def show_missing_cache() -> None:
+    """The message for an empty cache folder: the exact build command."""
+    st.warning(
+        f"No built cache found in `{loaders.cache_root()}`. Build one with "
+        "the command below (it takes a few minutes), then reload this page."
+    )
+    st.code(loaders.BUILD_COMMAND, language="bash")
+
+
+def current_cache() -> CacheRef:
+    """The cache the sidebar picked, checked; stops the page when unusable."""
+    ref = st.session_state.get(CACHE_STATE)
+    if ref is None:
+        show_missing_cache()
+        st.stop()
+    try:
+        loaders.manifest(ref)
+    except (CacheError, OSError, ValueError) as error:
+        st.error(str(error))
+        st.code(loaders.BUILD_COMMAND, language="bash")
+        st.stop()
+    return ref
+
+
+@contextmanager
+def guard(what: str) -> Iterator[None]:
+    """Show an error raised inside the block in the page, never a traceback.
+
+    Streamlit's own control flow (stop, rerun, switch page) derives from
+    BaseException and passes through.
+    """
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - the page must stay up
+        logger.exception("%s failed", what)
+        st.error(f"{what} failed: {type(error).__name__}: {error}")
+
+
+def atom_link(atom: int, label: str = "", note: str = "") -> None:
+    """A link to the atom's page (``?atom=ID``), keeping the page routing."""
+    text = f"#{atom} {label}".strip()
+    if note:
+        text = f"{text} · {note}"
+    st.page_link(ATOMS_PAGE, label=text, query_params={"atom": str(atom)})
+
+
+def image_grid(
+    images: Sequence[Image.Image], captions: Sequence[str], columns: int = 4
+) -> None:
+    """Images in a grid of ``columns`` with one caption each."""
+    if not images:
+        st.caption("none")
+        return
+    for start in range(0, len(images), columns):
+        cells = st.columns(columns)
+        chunk = zip(images[start : start + columns], captions[start:], strict=False)
+        for cell, (image, caption) in zip(cells, chunk, strict=False):
+            cell.image(image, caption=caption, width="stretch")
+
+
+def checked_upload(upload) -> Image.Image | None:
+    """Decode an uploaded file as an RGB image, or say in the page why not.
+
+    Checks the size limit, that it decodes as an image, and the pixel count
+    (decompression bombs); a broken file gives a message, never a traceback.
+    """
+    if upload is None:
+        return None
+    data = upload.getvalue()
+    if len(data) > UPLOAD_MAX_BYTES:
+        st.error(
+            f"{upload.name} is {len(data) / 1e6:.1f} MB; the limit is "
+            f"{UPLOAD_MAX_BYTES / 1e6:.0f} MB. Upload a smaller image."
+        )
+        return None
+    try:
+        return decode_image(data)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        st.error(f"{upload.name} could not be read as an image: {error}")
+        return None
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes to an RGB image (first frame, alpha on white); raises if broken."""
+    with Image.open(io.BytesIO(data)) as probe:
+        width, height = probe.size
+        if width * height > UPLOAD_MAX_PIXELS:
+            raise ValueError(
+                f"{width} x {height} pixels is more than the "
+                f"{UPLOAD_MAX_PIXELS:,} allowed"
+            )
+        probe.verify()
+    image = Image.open(io.BytesIO(data))
+    image.seek(0)
+    image.load()
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(canvas, image)
+    return image.convert("RGB")
+
+
+def query_int(name: str) -> int | None:
+    """An integer URL parameter, or None when absent or not a number."""
+    value = st.query_params.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        st.warning(f"URL parameter {name}={value!r} is not a number; ignored.")
+        return None
