@@ -12,7 +12,7 @@ import importlib
 import logging
 
 # Stage modules that contribute a subcommand, in the order --help lists them.
-COMMAND_MODULES: list[str] = ["backend.corpus_build"]
+COMMAND_MODULES: list[str] = ["backend.corpus_build", "backend.generator"]
 
 
 def build_parser() -> argparse.ArgumentParser:
