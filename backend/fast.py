@@ -1,0 +1,268 @@
+"""Fast matching-pursuit inference through the Gram matrix ``G = D D^T``.
+
+After the first full correlation ``c = D (x - b)``, a pursuit step
+``r -= c_j D_j`` changes the correlations by ``c -= c_j G_j``: one row of
+``G`` (``n_atoms`` numbers) instead of a product with the whole dictionary
+(``n_atoms * d``). The numba kernel below fuses that update with the search
+for the next pick, so each step is one pass over ``G_j`` per input, and runs
+inputs in parallel. The squared residual norm follows from
+``|r - c_j D_j|^2 = |r|^2 - c_j^2`` (unit-norm atoms), kept in float64.
+
+In fp32 the updated correlations drift from ``D r`` by rounding only, so the
+picks match the plain loop (:func:`backend.sae.plain_pursuit`) except at
+near-ties. When ``G`` would exceed ``max_gram_bytes`` the encoder falls back
+to the plain loop, in blocks of inputs, and logs a warning saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from backend.sae import (
+    EncodeResult,
+    SparseAutoencoder,
+    _check_threshold,
+    codes_from_trace,
+    plain_pursuit,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_GRAM_BYTES = 2 * 1024**3
+DEFAULT_BATCH_SIZE = 4096
+
+# sae -> (atoms version, data pointer, Gram matrix as a numpy array)
+_GRAM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@numba.njit(cache=True, inline="always")
+def _step_positive(c_m, g_m, coef):
+    """``c -= coef * g`` and the new ``argmax c`` in the same pass."""
+    best_j = 0
+    best_v = -np.inf
+    for q in range(c_m.shape[0]):
+        v = c_m[q] - coef * g_m[q]
+        c_m[q] = v
+        if v > best_v:
+            best_v = v
+            best_j = q
+    return best_j, best_v
+
+
+@numba.njit(cache=True, inline="always")
+def _step_absolute(c_m, g_m, coef):
+    """``c -= coef * g`` and the new ``argmax |c|`` in the same pass."""
+    best_j = 0
+    best_v = -np.inf
+    for q in range(c_m.shape[0]):
+        v = c_m[q] - coef * g_m[q]
+        c_m[q] = v
+        if abs(v) > best_v:
+            best_v = abs(v)
+            best_j = q
+    return best_j, best_v
+
+
+@numba.njit(cache=True)
+def _first_pick(c_m, nonnegative):
+    best_j = 0
+    best_v = -np.inf
+    for q in range(c_m.shape[0]):
+        v = c_m[q] if nonnegative else abs(c_m[q])
+        if v > best_v:
+            best_v = v
+            best_j = q
+    return best_j, best_v
+
+
+@numba.njit(parallel=True, cache=True)
+def _gram_pursuit(
+    corr_nm, gram_mm, norm0_n, stop_n, k, nonnegative, atoms_nk, coefs_nk, norms_nk1
+):
+    """Pursue every row of ``corr_nm`` (overwritten) for at most ``k`` steps.
+
+    ``stop_n`` is the residual norm at or below which an input stops (``-1``
+    for no threshold). Fills ``atoms_nk`` (-1 after a stop), ``coefs_nk`` and
+    ``norms_nk1``.
+    """
+    n = corr_nm.shape[0]
+    for i in numba.prange(n):
+        c_m = corr_nm[i]
+        r2 = np.float64(norm0_n[i]) ** 2
+        norms_nk1[i, 0] = norm0_n[i]
+        best_j, best_v = _first_pick(c_m, nonnegative)
+        for t in range(k):
+            norm = math.sqrt(r2)
+            if norm <= stop_n[i] or not best_v > 0:
+                for s in range(t, k):
+                    atoms_nk[i, s] = -1
+                    coefs_nk[i, s] = 0.0
+                    norms_nk1[i, s + 1] = norm
+                break
+            coef = c_m[best_j]
+            atoms_nk[i, t] = best_j
+            coefs_nk[i, t] = coef
+            r2 = max(r2 - np.float64(coef) * coef, 0.0)
+            norms_nk1[i, t + 1] = math.sqrt(r2)
+            if nonnegative:
+                best_j, best_v = _step_positive(c_m, gram_mm[best_j], coef)
+            else:
+                best_j, best_v = _step_absolute(c_m, gram_mm[best_j], coef)
+
+
+def gram_bytes(n_atoms: int) -> int:
+    """Bytes of the float32 Gram matrix of ``n_atoms`` atoms."""
+    return 4 * n_atoms * n_atoms
+
+
+def gram_matrix(sae: SparseAutoencoder) -> np.ndarray:
+    """``G = D D^T`` as float32 numpy, cached until the atoms change."""
+    atoms_md = sae.atoms_md
+    key = (atoms_md._version, atoms_md.data_ptr())
+    cached = _GRAM_CACHE.get(sae)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        atoms_md = atoms_md.detach().float().cpu()
+        gram_mm = (atoms_md @ atoms_md.T).numpy()
+    _GRAM_CACHE[sae] = (key, gram_mm)
+    return gram_mm
+
+
+def _gram_fits(sae: SparseAutoencoder, max_gram_bytes: int) -> bool:
+    needed = gram_bytes(sae.n_atoms)
+    if needed <= max_gram_bytes:
+        return True
+    logger.warning(
+        "Gram matrix of %d atoms needs %.1f GiB (> max_gram_bytes %.1f GiB): "
+        "falling back to the plain pursuit loop in blocks, which is much slower",
+        sae.n_atoms,
+        needed / 1024**3,
+        max_gram_bytes / 1024**3,
+    )
+    return False
+
+
+def _trace_block(
+    sae: SparseAutoencoder, x_nd: Tensor, k: int, threshold: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gram pursuit of one block: ``atoms_nk``, ``coefs_nk``, ``norms_nk1``."""
+    with torch.no_grad():
+        centred_nd = x_nd.float() - sae.bias_d.detach().float().cpu()
+        atoms_md = sae.atoms_md.detach().float().cpu()
+        corr_nm = (centred_nd @ atoms_md.T).numpy()
+        norm0_n = centred_nd.norm(dim=-1).numpy()
+    stop_n = (
+        (threshold * norm0_n) if threshold is not None else np.full_like(norm0_n, -1)
+    )
+    n = x_nd.shape[0]
+    atoms_nk = np.empty((n, k), dtype=np.int64)
+    coefs_nk = np.empty((n, k), dtype=np.float32)
+    norms_nk1 = np.empty((n, k + 1), dtype=np.float32)
+    _gram_pursuit(
+        corr_nm,
+        gram_matrix(sae),
+        norm0_n,
+        stop_n.astype(np.float32),
+        k,
+        sae.config.nonnegative,
+        atoms_nk,
+        coefs_nk,
+        norms_nk1,
+    )
+    return (
+        torch.from_numpy(atoms_nk),
+        torch.from_numpy(coefs_nk),
+        torch.from_numpy(norms_nk1),
+    )
+
+
+def _residual(
+    sae: SparseAutoencoder, x_nd: Tensor, atoms_nk: Tensor, coefs_nk: Tensor
+) -> Tensor:
+    """``x - b - sum_t coef_t D[j_t]`` from the trace, without dense codes."""
+    atoms_md = sae.atoms_md.detach().float().cpu()
+    picked_nkd = atoms_md[atoms_nk.clamp(min=0)]
+    recon_nd = torch.einsum("nk,nkd->nd", coefs_nk, picked_nkd)
+    return x_nd.float() - sae.bias_d.detach().float().cpu() - recon_nd
+
+
+def _concat(parts: list[EncodeResult], dense: bool) -> EncodeResult:
+    fields = []
+    for name in EncodeResult._fields:
+        if name == "codes" and not dense:
+            fields.append(None)
+        else:
+            fields.append(torch.cat([getattr(p, name) for p in parts]))
+    return EncodeResult(*fields)
+
+
+def fast_encode(
+    sae: SparseAutoencoder,
+    x_nd: Tensor | np.ndarray,
+    k: int | None = None,
+    threshold: float | None = None,
+    dense: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+) -> EncodeResult:
+    """Encode ``(n, d)`` inputs with the Gram-matrix pursuit, in blocks.
+
+    Same contract as ``MatchingPursuitSAE.encode`` (a TopK SAE is encoded by
+    its own ``encode``), on the CPU in float32. With ``dense=False`` the
+    result carries no ``(n, n_atoms)`` codes; the trace (``atoms``,
+    ``coefficients``) holds them sparsely (see
+    :func:`backend.sae.codes_from_trace`). Memory per block is about
+    ``batch_size * n_atoms * 4`` bytes plus the Gram matrix.
+    """
+    _check_threshold(threshold)
+    x_nd, k = sae._prepare(torch.as_tensor(x_nd), k)
+    x_nd = x_nd.detach().float().cpu()
+    use_gram = sae.kind == "mp" and _gram_fits(sae, max_gram_bytes)
+    parts = []
+    for start in range(0, x_nd.shape[0], batch_size):
+        block_nd = x_nd[start : start + batch_size]
+        parts.append(_encode_block(sae, block_nd, k, threshold, dense, use_gram))
+    if not parts:
+        return sae.encode(x_nd, k, threshold)
+    return _concat(parts, dense)
+
+
+def _encode_block(
+    sae: SparseAutoencoder,
+    x_nd: Tensor,
+    k: int,
+    threshold: float | None,
+    dense: bool,
+    use_gram: bool,
+) -> EncodeResult:
+    if not use_gram:
+        result = sae.encode(x_nd, k, threshold)
+        return result if dense else result._replace(codes=None)
+    atoms_nk, coefs_nk, norms_nk1 = _trace_block(sae, x_nd, k, threshold)
+    residual_nd = _residual(sae, x_nd, atoms_nk, coefs_nk)
+    codes_nm = codes_from_trace(atoms_nk, coefs_nk, sae.n_atoms) if dense else None
+    return EncodeResult(codes_nm, residual_nd, atoms_nk, coefs_nk, norms_nk1)
+
+
+def pick_atoms(
+    sae: SparseAutoencoder,
+    x_nd: Tensor,
+    k: int,
+    max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+) -> Tensor:
+    """The ``(n, k)`` picks of the pursuit, without gradient (for training)."""
+    with torch.no_grad():
+        if not _gram_fits(sae, max_gram_bytes):
+            return plain_pursuit(
+                x_nd, sae.atoms_md, sae.bias_d, k, None, sae.config.nonnegative
+            ).atoms
+        atoms_nk, _, _ = _trace_block(sae, x_nd, k, None)
+    return atoms_nk.to(x_nd.device)
