@@ -12,7 +12,11 @@ import importlib
 import logging
 
 # Stage modules that contribute a subcommand, in the order --help lists them.
-COMMAND_MODULES: list[str] = ["backend.corpus_build", "backend.generator"]
+COMMAND_MODULES: list[str] = [
+    "backend.corpus_build",
+    "backend.generator",
+    "backend.cache",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
