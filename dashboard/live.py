@@ -92,13 +92,13 @@ def code_of(ref: CacheRef, x_d: np.ndarray, kind: str, k: int, threshold=None):
     bias_d = model.bias_d.detach().cpu().numpy()
     picked_kd = atoms_md[np.maximum(atoms_k, 0)] * coefficients_k[:, None]
     picked_kd[atoms_k < 0] = 0.0
-    return Code(
-        atoms_k=atoms_k,
-        coefficients_k=coefficients_k,
-        residual_norms_k1=result.residual_norms[0].cpu().numpy(),
-        recon_kd=bias_d + np.cumsum(picked_kd, axis=0),
-        x_d=np.asarray(x_d, dtype=np.float32),
+    recon_kd = bias_d + np.cumsum(picked_kd, axis=0)
+    x_d = np.asarray(x_d, dtype=np.float32)
+    # Norms from the reconstruction, so MP and TopK read alike.
+    norms_k1 = np.linalg.norm(
+        x_d[None, :] - np.vstack([bias_d[None, :], recon_kd]), axis=1
     )
+    return Code(atoms_k, coefficients_k, norms_k1, recon_kd, x_d)
 
 
 def nearest_rows(

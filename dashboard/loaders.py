@@ -309,9 +309,9 @@ def atom_thumbnail_uris(ref: CacheRef, size: int = 32) -> pd.Series:
     Atoms without a top image get an empty string. Built once per cache for
     the Atlas hover; about a kilobyte per atom.
     """
-    tops = top_items(ref)
-    firsts = tops[(tops["modality"] == "image") & (tops["rank"] == tops.groupby(
-        ["atom", "modality"])["rank"].transform("min"))]
+    tops = top_items(ref).reset_index(drop=True)
+    # top_items is ordered by rank, so the first image row per atom is its top.
+    firsts = tops[tops["modality"] == "image"].drop_duplicates("atom")
     corpus_ids = items(ref)["corpus_id"]
     uris = pd.Series("", index=atoms(ref).index, dtype=object)
     spec = corpus_spec(ref)

@@ -220,7 +220,9 @@ def atlas_chart(points: pd.DataFrame, color: str) -> alt.Chart:
             scale=alt.Scale(scheme="redblue", domain=[0, 1], reverse=True),
         )
     else:
-        encoding = alt.Color(f"{color}:Q", title=title, scale=alt.Scale(scheme="plasma"))
+        encoding = alt.Color(
+            f"{color}:Q", title=title, scale=alt.Scale(scheme="plasma")
+        )
     select = alt.selection_point(name="atom", fields=["atom"], on="click")
     return (
         alt.Chart(points)

@@ -173,3 +173,35 @@ def query_int(name: str) -> int | None:
     except ValueError:
         st.warning(f"URL parameter {name}={value!r} is not a number; ignored.")
         return None
+
+
+def item_picker(
+    ref: CacheRef, key: str, modality: str | None = None, limit: int = 300
+) -> int | None:
+    """Choose one corpus activation: a filter box, then a short list.
+
+    Parameters
+    ----------
+    modality : "image", "text" or None (both).
+    limit : the list shows at most this many matches, so that a corpus of
+        any size keeps the page light.
+
+    Returns the activation row, or None when nothing matches.
+    """
+    names = loaders.item_names(ref)
+    if modality is not None:
+        names = names[loaders.items(ref)["modality"] == modality]
+    query = st.text_input(
+        "Filter", key=f"{key}_filter", placeholder="words in the name or caption"
+    )
+    if query.strip():
+        names = names[names.str.contains(query.strip(), case=False, regex=False)]
+    if names.empty:
+        st.info("Nothing matches this filter.")
+        return None
+    shown = names.iloc[:limit]
+    if len(names) > limit:
+        st.caption(f"{len(names):,} match; showing the first {limit}. Narrow it.")
+    return st.selectbox(
+        "Item", shown.index.tolist(), format_func=shown.get, key=f"{key}_row"
+    )

@@ -1,0 +1,75 @@
+"""Atlas: the UMAP map of the atoms; hover to see one, click to open it."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import loaders, plots, widgets
+from dashboard.loaders import CacheRef
+
+COLOR_OPTIONS = list(plots.ATLAS_COLOR_TITLES)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def atlas_points(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
+    """Live atoms with map coordinates, colour fields and hover thumbnails."""
+    table = loaders.atoms(ref)
+    table = table[~table["dead"].astype(bool)]
+    points = table[
+        [
+            "atom",
+            "umap_x",
+            "umap_y",
+            "label",
+            "frequency",
+            "modality_score",
+            "mean_pick_step",
+        ]
+    ].copy()
+    points["label"] = points["label"].fillna("").astype(str)
+    points["image"] = (
+        loaders.atom_thumbnail_uris(ref).reindex(points.index) if thumbnails else ""
+    )
+    return points.reset_index(drop=True)
+
+
+def selected_atom(event) -> int | None:
+    """The atom id a click on the chart selected, if any."""
+    picked = (event or {}).get("selection", {}).get("atom") or []
+    if not picked:
+        return None
+    return int(picked[0]["atom"])
+
+
+def render() -> None:
+    st.title("Atlas")
+    ref = widgets.current_cache()
+    left, right = st.columns([1, 1])
+    color = left.selectbox(
+        "Colour by",
+        COLOR_OPTIONS,
+        format_func=plots.ATLAS_COLOR_TITLES.get,
+        key="atlas_color",
+    )
+    thumbnails = right.toggle("Thumbnails on hover", value=True, key="atlas_thumbnails")
+    with widgets.guard("Drawing the atlas"):
+        points = atlas_points(ref, thumbnails)
+        dead = len(loaders.atoms(ref)) - len(points)
+        st.caption(
+            f"{len(points):,} live atoms placed by UMAP on their dictionary "
+            f"directions ({dead:,} dead atoms left out). Hover for the label and "
+            "top image; click an atom to open its page."
+        )
+        event = st.altair_chart(
+            plots.atlas_chart(points, color),
+            on_select="rerun",
+            key="atlas_chart",
+            width="stretch",
+        )
+        atom = selected_atom(event)
+        if atom is not None:
+            st.switch_page(widgets.ATOMS_PAGE, query_params={"atom": str(atom)})
+
+
+render()

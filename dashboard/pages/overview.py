@@ -1,0 +1,167 @@
+"""Overview: what was built, how well each SAE reconstructs, and its shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard import loaders, plots, widgets
+from dashboard.loaders import CacheRef
+
+SAMPLE_PAIRS = 20_000
+
+
+def settings_table(data: dict) -> pd.DataFrame:
+    """The manifest's inputs flattened to (setting, value) rows."""
+    rows = []
+    for part, value in data.get("inputs", {}).items():
+        if isinstance(value, dict):
+            rows += [(f"{part}.{key}", str(item)) for key, item in value.items()]
+        else:
+            rows.append((part, str(value)))
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
+def stage_table(data: dict) -> pd.DataFrame:
+    """Seconds per build stage from the manifest."""
+    stages = data.get("stages", {})
+    return pd.DataFrame(
+        [
+            (name, info.get("seconds"), info.get("done"))
+            for name, info in stages.items()
+        ],
+        columns=["stage", "seconds", "done"],
+    )
+
+
+@st.cache_data(show_spinner="Sampling atom pairs ...", max_entries=8)
+def pair_cosines(ref: CacheRef, n_pairs: int = SAMPLE_PAIRS) -> dict[str, np.ndarray]:
+    """Cosines of atom pairs picked one after the other, and of random pairs.
+
+    Consecutive pairs are sampled uniformly from the stored MP traces (step t
+    and t + 1 of one input, both real picks); random pairs draw two atoms
+    uniformly among the atoms that were ever picked. Same count for both.
+    """
+    atoms_nk = loaders.traces(ref, "mp").atoms_nk
+    atoms_md = loaders.sae(ref, "mp").atoms_md.detach().cpu().numpy()
+    first, second = atoms_nk[:, :-1].ravel(), atoms_nk[:, 1:].ravel()
+    valid = np.flatnonzero((first >= 0) & (second >= 0) & (first != second))
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(valid, size=min(n_pairs, valid.size), replace=False)
+    used = np.unique(atoms_nk[atoms_nk >= 0])
+    rand_a = rng.choice(used, size=chosen.size)
+    rand_b = rng.choice(used, size=chosen.size)
+    keep = rand_a != rand_b
+
+    def cosine(a, b):
+        return np.einsum("nd,nd->n", atoms_md[a], atoms_md[b])
+
+    return {
+        "picked one after the other": cosine(first[chosen], second[chosen]),
+        "random pairs": cosine(rand_a[keep], rand_b[keep]),
+    }
+
+
+def show_settings(ref: CacheRef) -> None:
+    data = loaders.manifest(ref)
+    st.caption(f"Cache `{ref.key}` · built {data.get('created', '?')}")
+    left, right = st.columns([3, 2])
+    left.dataframe(settings_table(data), hide_index=True, width="stretch")
+    right.dataframe(stage_table(data), hide_index=True, width="stretch")
+
+
+def show_headline(ref: CacheRef) -> None:
+    fvu = loaders.table(ref, "fvu_by_k")
+    top_k = fvu["k"].max()
+    at_k = fvu[fvu["k"] == top_k].set_index(["sae", "modality"])["fvu"]
+    atoms = loaders.atoms(ref)
+    cells = st.columns(len(at_k) + 2)
+    for cell, ((sae, modality), value) in zip(cells, at_k.items(), strict=False):
+        cell.metric(
+            f"FVU {plots.SAE_NAMES.get(sae, sae)}, {modality}, k={top_k}",
+            f"{value:.3f}",
+        )
+    cells[-2].metric("atoms", f"{len(atoms):,}")
+    cells[-1].metric(
+        "dead atoms",
+        f"{int(atoms['dead'].sum()):,}",
+        f"{atoms['dead'].mean():.1%} of all",
+        delta_color="off",
+    )
+
+
+def show_summary(ref: CacheRef) -> None:
+    flat = pd.json_normalize(loaders.summary(ref), sep=".")
+    if flat.empty:
+        return
+    rows = flat.T.reset_index()
+    rows.columns = ["figure", "value"]
+    rows["value"] = rows["value"].map(_readable)
+    with st.expander("All global figures (stats/summary.json)"):
+        st.dataframe(rows, hide_index=True, width="stretch")
+
+
+def _readable(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def show_orthogonality(ref: CacheRef) -> None:
+    samples = pair_cosines(ref)
+    left, right = st.columns([3, 1])
+    left.plotly_chart(plots.cosine_histograms(samples), width="stretch")
+    for name, values in samples.items():
+        right.metric(f"mean |cosine|, {name}", f"{np.abs(values).mean():.3f}")
+    right.caption(
+        f"{len(next(iter(samples.values()))):,} sampled pairs each. Matching "
+        "pursuit removes the picked atom's direction from the residual, so the "
+        "next pick tends to be nearly orthogonal to it."
+    )
+
+
+def show_hierarchy(ref: CacheRef) -> None:
+    data = loaders.table(ref, "hierarchy")
+    if data.empty:
+        st.info("The corpus has no hierarchy labels, so there is no agreement table.")
+        return
+    wide = data.pivot_table(
+        index="step", columns=["sae", "level"], values="accuracy"
+    ).round(3)
+    wide.columns = [f"{plots.SAE_NAMES.get(s, s)} · {lv}" for s, lv in wide.columns]
+    left, right = st.columns([2, 3])
+    left.dataframe(wide, width="stretch", height=360)
+    right.plotly_chart(plots.hierarchy_lines(data), width="stretch")
+
+
+def render() -> None:
+    st.title("Overview")
+    ref = widgets.current_cache()
+    with widgets.guard("Reading the build settings"):
+        show_settings(ref)
+    with widgets.guard("Reading the headline figures"):
+        show_headline(ref)
+        show_summary(ref)
+    st.subheader("Reconstruction")
+    with widgets.guard("Drawing FVU and L0"):
+        left, right = st.columns(2)
+        left.plotly_chart(
+            plots.fvu_by_k(loaders.table(ref, "fvu_by_k")), width="stretch"
+        )
+        right.plotly_chart(
+            plots.l0_distribution(loaders.table(ref, "l0")), width="stretch"
+        )
+    st.subheader("Conditional orthogonality")
+    with widgets.guard("Sampling atom pairs"):
+        show_orthogonality(ref)
+    st.subheader("Hierarchy agreement")
+    st.caption(
+        "How well the atom picked at each step predicts each hierarchy level "
+        "(level0 coarse to level2 fine)."
+    )
+    with widgets.guard("Reading the hierarchy table"):
+        show_hierarchy(ref)
+
+
+render()

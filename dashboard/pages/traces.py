@@ -1,0 +1,105 @@
+"""Traces: watch the pursuit on one input, step by step, re-encoded live."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from dashboard import live, loaders, plots, widgets
+from dashboard.loaders import CacheRef
+
+SOURCES = ("From the corpus", "Upload an image", "Type a text")
+
+
+def choose_input(ref: CacheRef) -> tuple[np.ndarray, int | None, str] | None:
+    """The input to trace: (embedding, its corpus row or None, a name)."""
+    source = st.radio("Input", SOURCES, horizontal=True, key="trace_source")
+    if source == SOURCES[0]:
+        row = widgets.item_picker(ref, "trace_item")
+        if row is None:
+            return None
+        return loaders.acts(ref)[row], row, loaders.item_names(ref)[row]
+    if source == SOURCES[1]:
+        upload = st.file_uploader(
+            "Image", type=widgets.UPLOAD_TYPES, key="trace_upload"
+        )
+        image = widgets.checked_upload(upload)
+        if image is None:
+            return None
+        st.image(image, width=160)
+        with st.spinner("Encoding the image with CLIP ..."):
+            return live.embed_image(ref, image), None, upload.name
+    text = st.text_input("Text", key="trace_text", placeholder="a red apple")
+    if not text.strip():
+        return None
+    with st.spinner("Encoding the text with CLIP ..."):
+        return live.embed_texts(ref, [text.strip()])[0], None, f'"{text.strip()}"'
+
+
+def sparsity_controls(ref: CacheRef) -> tuple[int, float | None]:
+    """Sliders for k and the residual threshold (0 = off)."""
+    build_k = loaders.traces(ref, "mp").atoms_nk.shape[1]
+    left, right = st.columns(2)
+    k = left.slider("k (steps)", 1, max(64, 2 * build_k), build_k, key="trace_k")
+    threshold = right.slider(
+        "threshold (stop when |r| <= threshold x |x - b|)",
+        0.0,
+        0.95,
+        0.0,
+        0.05,
+        key="trace_threshold",
+        help="adaptive sparsity: 0 turns it off",
+    )
+    return k, (threshold or None)
+
+
+def show_mp(ref: CacheRef, x_d, row, name: str, k: int, threshold) -> None:
+    code = live.code_of(ref, x_d, "mp", k, threshold)
+    steps = live.step_table(ref, code, exclude=row)
+    final = code.fvu_k[code.n_steps - 1] if code.n_steps else 1.0
+    st.markdown(f"**MP-SAE**: {code.n_steps} steps, FVU {final:.4f}")
+    st.plotly_chart(plots.trace_curves(steps, f"Pursuit of {name}"), width="stretch")
+    st.dataframe(
+        steps,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "coefficient": st.column_config.NumberColumn(format="%.3f"),
+            "residual norm": st.column_config.NumberColumn(format="%.3f"),
+            "cumulative FVU": st.column_config.NumberColumn(format="%.4f"),
+        },
+    )
+
+
+def show_topk(ref: CacheRef, x_d, k: int) -> None:
+    code = live.code_of(ref, x_d, "topk", k)
+    steps = live.step_table(ref, code, with_neighbors=False)
+    final = code.fvu_k[code.n_steps - 1] if code.n_steps else 1.0
+    st.markdown(f"**TopK SAE**: {code.n_steps} atoms, FVU {final:.4f}")
+    st.dataframe(
+        steps[["atom", "label", "coefficient"]], hide_index=True, width="stretch"
+    )
+
+
+def render() -> None:
+    st.title("Traces")
+    ref = widgets.current_cache()
+    with widgets.guard("Choosing the input"):
+        chosen = choose_input(ref)
+    if chosen is None:
+        st.info("Choose a corpus item, upload an image or type a text.")
+        return
+    x_d, row, name = chosen
+    k, threshold = sparsity_controls(ref)
+    mp_col, topk_col = st.columns([3, 1])
+    with mp_col, widgets.guard("Encoding with the MP-SAE"):
+        show_mp(ref, x_d, row, name, k, threshold)
+    with topk_col, widgets.guard("Encoding with the TopK SAE"):
+        show_topk(ref, x_d, k)
+    st.caption(
+        "FVU here is one input's |residual|² / |x - b|². Nearest items are "
+        "by cosine among all corpus activations (the input itself left out)."
+    )
+
+
+render()

@@ -1,0 +1,150 @@
+"""One real-browser test: Debian's Chromium (headless) visits every page.
+
+The app runs as a real ``streamlit run`` subprocess on 127.0.0.1 against the
+tiny fixture cache; Playwright drives the system Chromium (no browser is ever
+downloaded). Screenshots go to ``out/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS = REPO / "out" / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# (url path, a title the page must show)
+PAGES = [
+    ("", "Overview"),
+    ("atoms", "Atoms"),
+    ("atoms?atom=1", "Atom #1"),
+    ("crossmodal", "Cross-modal"),
+    ("traces", "Traces"),
+    ("atlas", "Atlas"),
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason=f"{CHROMIUM} is absent; `make browser` installs Debian's chromium",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"streamlit did not answer at {url} in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_cache_root):
+    """A running ``streamlit run streamlit_app.py`` on a free local port."""
+    port = _free_port()
+    env = dict(os.environ, ATLAS_CACHE_ROOT=str(tiny_cache_root))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    log = open(SCREENSHOTS.parent / "streamlit-browser-test.log", "w")  # noqa: SIM115
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "streamlit_app.py",
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, timeout=60)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def _settle(page, title: str) -> None:
+    """Wait until the page shows ``title``, its run ended and no spinner is left."""
+    page.wait_for_function(
+        """(title) => {
+            const app = document.querySelector('[data-testid="stApp"]');
+            const main = document.querySelector('[data-testid="stMain"]');
+            const spinner = document.querySelector('[data-testid="stSpinner"]');
+            return app && main && !spinner
+                && app.getAttribute('data-test-script-state') === 'notRunning'
+                && main.innerText.includes(title);
+        }""",
+        arg=title,
+        timeout=90_000,
+    )
+    page.wait_for_timeout(1000)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _screenshot_folder():
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+
+def test_every_page_renders_without_exception(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            for path, title in PAGES:
+                page.goto(f"{app_url}/{path}", wait_until="domcontentloaded")
+                _settle(page, title)
+                name = path.replace("?", "_").replace("=", "") or "overview"
+                page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+                exceptions = page.locator('[data-testid="stException"]')
+                assert exceptions.count() == 0, exceptions.first.inner_text()
+                errors = page.locator('[data-testid="stAlertContentError"]')
+                assert errors.count() == 0, errors.first.inner_text()
+                main = page.locator('[data-testid="stMain"]')
+                assert title in main.inner_text(), f"{path}: no {title!r}"
+        finally:
+            browser.close()
