@@ -192,14 +192,20 @@ def _clip_model(encoder) -> nn.Module:
 
 
 def _normalisation(encoder) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of the encoder's preprocessing (a torchvision Normalize)."""
-    for transform in getattr(encoder.card.preprocess, "transforms", []):
-        if hasattr(transform, "mean") and hasattr(transform, "std"):
-            return tuple(map(float, transform.mean)), tuple(map(float, transform.std))
-    raise TypeError(
-        "the encoder's preprocessing has no Normalize step; cannot feed generated "
-        "pictures to its image tower"
-    )
+    """Mean and std of the encoder's preprocessing (its card's PreprocessCfg)."""
+    preprocess = encoder.card.preprocess
+    if "mean" not in preprocess or "std" not in preprocess:
+        raise TypeError(
+            "the encoder's card records no normalisation mean/std; cannot feed "
+            "generated pictures to its image tower"
+        )
+    return _triple(preprocess["mean"]), _triple(preprocess["std"])
+
+
+def _triple(value) -> tuple[float, ...]:
+    if isinstance(value, int | float):
+        return (float(value),) * 3
+    return tuple(float(v) for v in value)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,665 @@
+"""Text-guided edits of image embeddings, read through the MP-SAE.
+
+After CLIPInverter, an edit moves a real image's CLIP image embedding ``e``
+(unit norm, ``(d,)``) towards a target description; here the latent being
+edited *is* the embedding, and the edit is shown as a change of MP codes, a
+change of retrieval and (with :mod:`backend.generator`) a picture. Three
+methods, each a typed config:
+
+:class:`TextDirection`
+    ``e' = normalise(e + alpha * (T(target) - T(source)))``, where ``T``
+    averages the normalised text embeddings of a phrase over prompt
+    templates and normalises the mean. ``alpha = 0`` returns ``e``.
+
+:class:`ClipGuided`
+    Gradient descent on ``e'`` (parametrised as ``normalise(v)``, ``v``
+    starting at ``e`` plus seeded jitter) of
+
+        - target_weight    * cos(e', T(target))
+        + keep_weight      * (1 - cos(e', e))
+        + direction_weight * |P_perp (e' - e)|^2
+        + picture_weight   * (1 - cos(I(G(e')), T(target)))
+
+    where ``P_perp`` removes the component along ``T(target) - T(source)``:
+    the change is pulled towards the target, kept small, and kept along the
+    source-to-target direction. The optional last term is the CLIPInverter
+    refinement: the generator ``G`` decodes ``e'`` into a picture that the
+    frozen image tower ``I`` must read as the target. With zero target and
+    picture weights and no jitter, ``e'`` stays ``e``.
+
+:class:`AtomSteering`
+    Work on the MP code of ``e`` itself. ``add``: the atom's coefficient grows
+    by ``strength``; ``remove``: the atom's coefficient is scaled by
+    ``1 - strength`` (``strength = 1`` removes it); ``force``: the pursuit runs
+    normally up to step ``step``, is made to pick the atom there with
+    coefficient ``strength``, and continues from the new residual. The edited
+    embedding is ``normalise(decode(steered codes) + r)``, where ``r`` is the
+    original residual, so what the SAE does not explain is kept unchanged.
+
+Every method is deterministic for its seed. :func:`run_edit` applies a method
+and measures its effects (:class:`EditResult`): codes before and after with
+the atoms gained, lost and changed, both traces, similarity to the source and
+target texts, and the nearest corpus images before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backend.sae import EncodeResult, codes_from_trace
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "a picture of {}",
+    "an emoji of {}",
+    "a drawing of {}",
+    "clip art of {}",
+)
+
+
+# --------------------------------------------------------------------------
+# Method configs.
+
+
+@dataclass(frozen=True)
+class TextDirection:
+    """Move along the text direction ``T(target) - T(source)``.
+
+    Attributes
+    ----------
+    alpha:
+        Step length along the (unnormalised) difference of the two mean text
+        embeddings; 0 leaves the embedding unchanged, 1-3 is a typical edit.
+    templates:
+        Prompt templates ``T`` averages over (``{}`` is the phrase).
+    seed:
+        Recorded for symmetry; the method is deterministic.
+    """
+
+    alpha: float = 1.5
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    seed: int = 0
+    name: str = field(default="text direction", init=False)
+
+
+@dataclass(frozen=True)
+class ClipGuided:
+    """Optimise the embedding under a CLIP loss (see the module docstring).
+
+    Attributes
+    ----------
+    target_weight:
+        Pull of ``cos(e', T(target))``.
+    keep_weight:
+        Pull back towards the original, ``1 - cos(e', e)``.
+    direction_weight:
+        Penalty on the part of the change orthogonal to the source-to-target
+        direction, ``|P_perp (e' - e)|^2``.
+    picture_weight:
+        Weight of ``1 - cos(I(G(e')), T(target))`` through the generator and
+        the frozen image tower; needs both (0 = off).
+    steps:
+        Adam steps.
+    lr:
+        Adam learning rate on ``v``.
+    jitter:
+        Norm of the seeded Gaussian start offset of ``v``.
+    templates:
+        Prompt templates for ``T``.
+    seed:
+        Seed of the jitter.
+    """
+
+    target_weight: float = 1.0
+    keep_weight: float = 1.0
+    direction_weight: float = 4.0
+    picture_weight: float = 0.0
+    steps: int = 60
+    lr: float = 0.02
+    jitter: float = 0.01
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    seed: int = 0
+    name: str = field(default="CLIP-guided", init=False)
+
+
+@dataclass(frozen=True)
+class AtomSteering:
+    """Add, remove or force one atom in the MP code (see the module docstring).
+
+    Attributes
+    ----------
+    atom:
+        Dictionary row to steer.
+    action:
+        ``"add"``, ``"remove"`` or ``"force"``.
+    strength:
+        ``add``: coefficient added; ``remove``: fraction of the atom's
+        coefficient taken away (0..1); ``force``: coefficient given at the
+        forced step.
+    step:
+        ``force`` only: 1-based pursuit step at which the atom is picked.
+    k:
+        Pursuit steps (default: the SAE's ``k``).
+    seed:
+        Recorded for symmetry; the method is deterministic.
+    """
+
+    atom: int
+    action: Literal["add", "remove", "force"] = "add"
+    strength: float = 0.3
+    step: int = 1
+    k: int | None = None
+    seed: int = 0
+    name: str = field(default="atom steering", init=False)
+
+    def __post_init__(self) -> None:
+        if self.action not in ("add", "remove", "force"):
+            raise ValueError(
+                f"unknown steering action {self.action!r}; use add, remove or force"
+            )
+        if self.action == "remove" and not 0 <= self.strength <= 1:
+            raise ValueError(
+                f"remove takes a strength in [0, 1] (fraction removed), "
+                f"got {self.strength}"
+            )
+
+
+EditMethod = TextDirection | ClipGuided | AtomSteering
+
+
+# --------------------------------------------------------------------------
+# Text embeddings.
+
+
+def phrase_embedding(
+    encoder, phrases: list[str], templates: tuple[str, ...] = DEFAULT_TEMPLATES
+) -> Tensor:
+    """``T(phrase)`` for each phrase: ``(n, d)``, unit norm.
+
+    Each phrase is put into every template, the normalised text embeddings
+    are averaged, and the mean is normalised again.
+    """
+    if not templates:
+        raise ValueError("give at least one prompt template, e.g. '{}'")
+    texts = [t.format(p) for p in phrases for t in templates]
+    emb_ntd = encoder.encode_texts(texts).float().view(len(phrases), len(templates), -1)
+    return F.normalize(emb_ntd.mean(dim=1), dim=-1)
+
+
+# --------------------------------------------------------------------------
+# The methods, batched over rows: e_nd (n, d) unit norm.
+
+
+def text_direction(
+    e_nd: Tensor, source_nd: Tensor, target_nd: Tensor, alpha: float
+) -> Tensor:
+    """``normalise(e + alpha * (target - source))`` row by row, ``(n, d)``."""
+    if alpha == 0:
+        return e_nd.clone()
+    return F.normalize(e_nd + alpha * (target_nd - source_nd), dim=-1)
+
+
+def clip_guided(
+    e_nd: Tensor,
+    source_nd: Tensor,
+    target_nd: Tensor,
+    config: ClipGuided,
+    generator=None,
+    tower=None,
+) -> Tensor:
+    """Optimise ``e'`` row by row under the CLIP-guided loss; ``(n, d)``.
+
+    ``generator`` and ``tower`` (:class:`backend.generator.ImageTower`) are
+    needed only when ``config.picture_weight > 0``.
+    """
+    if config.picture_weight > 0 and (generator is None or tower is None):
+        raise ValueError(
+            "picture_weight > 0 needs a generator and the image tower; load them "
+            "(backend.generator.load_generator, image_tower) or set it to 0"
+        )
+    direction_nd = F.normalize(target_nd - source_nd, dim=-1)
+    seed_gen = torch.Generator().manual_seed(config.seed)
+    jitter = torch.randn(e_nd.shape, generator=seed_gen) / e_nd.shape[1] ** 0.5
+    v_nd = (e_nd + config.jitter * jitter).clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([v_nd], lr=config.lr)
+    for _ in range(config.steps):
+        loss = _clip_guided_loss(
+            F.normalize(v_nd, dim=-1),
+            e_nd,
+            target_nd,
+            direction_nd,
+            config,
+            generator,
+            tower,
+        )
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return F.normalize(v_nd.detach(), dim=-1)
+
+
+def _clip_guided_loss(
+    edited_nd, e_nd, target_nd, direction_nd, config, generator, tower
+):
+    change_nd = edited_nd - e_nd
+    along_n = (change_nd * direction_nd).sum(-1, keepdim=True)
+    off_direction_n = (change_nd - along_n * direction_nd).pow(2).sum(-1)
+    loss_n = (
+        -config.target_weight * (edited_nd * target_nd).sum(-1)
+        + config.keep_weight * (1 - (edited_nd * e_nd).sum(-1))
+        + config.direction_weight * off_direction_n
+    )
+    if config.picture_weight > 0:
+        seen_nd = tower(generator(edited_nd))
+        loss_n = loss_n + config.picture_weight * (1 - (seen_nd * target_nd).sum(-1))
+    return loss_n.sum()
+
+
+def steered_pursuit(
+    sae,
+    x_nd: Tensor,
+    k: int | None = None,
+    forced: dict[int, tuple[int, float]] | None = None,
+    banned: set[int] | frozenset[int] = frozenset(),
+) -> EncodeResult:
+    """Matching pursuit that accepts forced picks and banned atoms.
+
+    The plain pursuit of DESIGN.md over the SAE's public ``atoms_md`` and
+    ``bias_d``, except that at each 1-based step ``t`` in ``forced`` the pick
+    is ``forced[t] = (atom, coefficient)`` whatever the correlations say, and
+    atoms in ``banned`` are never picked. After a forced step the pursuit
+    continues from the new residual; the stop rule (no positive correlation
+    with non-negative codes) applies to free steps only. Without ``forced`` and
+    ``banned`` it equals ``sae.encode(x_nd, k)``.
+
+    Returns an :class:`EncodeResult` for the ``(n, d)`` inputs (all rows get
+    the same forced picks).
+    """
+    forced = forced or {}
+    atoms_md = sae.atoms_md.detach().float()
+    bias_d = sae.bias_d.detach().float()
+    k = int(k or sae.config.k)
+    for step, (atom, _) in forced.items():
+        _check_atom(atom, len(atoms_md))
+        if not 1 <= step <= k:
+            raise ValueError(f"forced step {step} is outside the pursuit (1..{k})")
+    nonnegative = getattr(sae.config, "nonnegative", True)
+    residual_nd = x_nd.float() - bias_d
+    norms, picks, coefs = [residual_nd.norm(dim=-1)], [], []
+    active_n = torch.ones(len(x_nd), dtype=torch.bool)
+    ban_m = torch.zeros(len(atoms_md), dtype=torch.bool)
+    ban_m[list(banned)] = True
+    for step in range(1, k + 1):
+        if step in forced:
+            atom, coef = forced[step]
+            pick_n = torch.full((len(x_nd),), atom)
+            coef_n = torch.full((len(x_nd),), float(coef)) * active_n
+        else:
+            corr_nm = residual_nd @ atoms_md.T
+            score_nm = (corr_nm if nonnegative else corr_nm.abs()).masked_fill(
+                ban_m, -torch.inf
+            )
+            best_n, pick_n = score_nm.max(dim=-1)
+            active_n = active_n & (best_n > 0)
+            coef_n = corr_nm.gather(1, pick_n[:, None]).squeeze(1) * active_n
+        residual_nd = residual_nd - coef_n[:, None] * atoms_md[pick_n]
+        norms.append(residual_nd.norm(dim=-1))
+        picks.append(torch.where(active_n, pick_n, -1))
+        coefs.append(coef_n)
+    atoms_nk = torch.stack(picks, dim=1)
+    coefficients_nk = torch.stack(coefs, dim=1)
+    codes_nm = codes_from_trace(atoms_nk, coefficients_nk, len(atoms_md))
+    return EncodeResult(
+        codes_nm, residual_nd, atoms_nk, coefficients_nk, torch.stack(norms, dim=1)
+    )
+
+
+def atom_steering(
+    sae, e_nd: Tensor, config: AtomSteering
+) -> tuple[Tensor, EncodeResult]:
+    """Steer the MP code of each row; returns ``(edited_nd, steered)``.
+
+    ``steered`` decomposes the unnormalised edited embedding ``decode(codes) +
+    r`` in pick order and ends at the original residual ``r``: for ``add`` the
+    original trace plus one pick of the atom with coefficient ``strength``;
+    for ``remove`` the original trace with the atom's coefficients scaled by
+    ``1 - strength`` (its picks become ``-1`` when ``strength = 1``); for
+    ``force`` the trace of the forced pursuit. ``edited_nd`` is that
+    embedding normalised.
+    """
+    _check_atom(config.atom, sae.atoms_md.shape[0])
+    original = steered_pursuit(sae, e_nd, config.k)
+    if config.action == "force":
+        forced = {config.step: (config.atom, config.strength)}
+        trace = steered_pursuit(sae, e_nd, config.k, forced=forced)
+        atoms_nk, coefs_nk = trace.atoms, trace.coefficients
+    else:
+        atoms_nk, coefs_nk = _scale_atom(original, config)
+    atoms_md = sae.atoms_md.detach().float()
+    bias_d = sae.bias_d.detach().float()
+    codes_nm = codes_from_trace(atoms_nk, coefs_nk, len(atoms_md))
+    unnormalised_nd = codes_nm @ atoms_md + bias_d + original.residual
+    steered = _replay(unnormalised_nd, atoms_md, bias_d, atoms_nk, coefs_nk)
+    return F.normalize(unnormalised_nd, dim=-1), steered
+
+
+def _scale_atom(original: EncodeResult, config: AtomSteering) -> tuple[Tensor, Tensor]:
+    atoms_nk, coefs_nk = original.atoms, original.coefficients
+    hit_nk = atoms_nk == config.atom
+    if config.action == "remove":
+        coefs_nk = torch.where(hit_nk, coefs_nk * (1 - config.strength), coefs_nk)
+        if config.strength == 1:
+            atoms_nk = torch.where(hit_nk, -1, atoms_nk)
+            coefs_nk = torch.where(hit_nk, 0.0, coefs_nk)
+        return atoms_nk, coefs_nk
+    extra_atoms = torch.full_like(atoms_nk[:, :1], config.atom)
+    extra_coefs = torch.full_like(coefs_nk[:, :1], config.strength)
+    return torch.cat([atoms_nk, extra_atoms], 1), torch.cat([coefs_nk, extra_coefs], 1)
+
+
+def _replay(x_nd, atoms_md, bias_d, atoms_nk, coefs_nk) -> EncodeResult:
+    """The trace of given picks and coefficients on ``x_nd`` (norms, residual)."""
+    residual_nd = x_nd - bias_d
+    norms = [residual_nd.norm(dim=-1)]
+    for t in range(atoms_nk.shape[1]):
+        pick_n = atoms_nk[:, t]
+        contribution_nd = coefs_nk[:, t, None] * atoms_md[pick_n.clamp(min=0)]
+        residual_nd = residual_nd - contribution_nd * (pick_n >= 0)[:, None]
+        norms.append(residual_nd.norm(dim=-1))
+    codes_nm = codes_from_trace(atoms_nk, coefs_nk, len(atoms_md))
+    return EncodeResult(
+        codes_nm, residual_nd, atoms_nk, coefs_nk, torch.stack(norms, dim=1)
+    )
+
+
+def _check_atom(atom: int, n_atoms: int) -> None:
+    if not 0 <= atom < n_atoms:
+        raise ValueError(f"atom {atom} is outside the dictionary (0..{n_atoms - 1})")
+
+
+# --------------------------------------------------------------------------
+# Applying a method and measuring its effects.
+
+
+class RetrievalIndex(NamedTuple):
+    """Corpus images to retrieve: ``emb_nd`` (n, d) unit-norm image
+    embeddings, their corpus ``ids`` and ``labels`` (finest hierarchy label,
+    ``""`` when there is none)."""
+
+    emb_nd: Tensor
+    ids: list[str]
+    labels: list[str]
+
+    def nearest(
+        self, query_d: Tensor, n: int = 5, exclude: str | None = None
+    ) -> pd.DataFrame:
+        """The ``n`` images with the highest cosine to ``query_d``.
+
+        Columns rank (1-based), corpus_id, label, cosine. ``exclude`` drops
+        one corpus id (the edited image itself).
+        """
+        scores_n = self.emb_nd @ F.normalize(query_d.float(), dim=-1)
+        if exclude is not None:
+            scores_n = scores_n.masked_fill(_id_mask(self.ids, exclude), -torch.inf)
+        values, rows = scores_n.topk(min(n, len(self.ids)))
+        return pd.DataFrame(
+            {
+                "rank": np.arange(1, len(rows) + 1),
+                "corpus_id": [self.ids[r] for r in rows.tolist()],
+                "label": [self.labels[r] for r in rows.tolist()],
+                "cosine": values.numpy(),
+            }
+        )
+
+
+def _id_mask(ids: list[str], exclude: str) -> Tensor:
+    return torch.tensor([i == exclude for i in ids], dtype=torch.bool)
+
+
+def finest_label(items: pd.DataFrame) -> pd.Series:
+    """The finest hierarchy label of each row: level2, else level1, else level0."""
+    label = items["level2"].where(items["level2"].notna(), items["level1"])
+    label = label.where(label.notna(), items["level0"])
+    return label.fillna("").astype(str)
+
+
+def retrieval_index(items: pd.DataFrame, acts_nd: np.ndarray) -> RetrievalIndex:
+    """The image rows of a cache's activation table as a :class:`RetrievalIndex`.
+
+    ``items`` and ``acts_nd`` follow docs/cache.md (``activations/``).
+    """
+    images = items[items["modality"] == "image"]
+    rows = images["row"].to_numpy()
+    emb_nd = torch.from_numpy(np.asarray(acts_nd[rows], dtype=np.float32))
+    return RetrievalIndex(emb_nd, list(images["corpus_id"]), list(finest_label(images)))
+
+
+class EditResult(NamedTuple):
+    """What one edit did.
+
+    Attributes
+    ----------
+    method:
+        The method config applied.
+    original_d, edited_d:
+        The embedding before and after, ``(d,)`` unit norm.
+    before, after:
+        MP encodings (one row) of the original and of the edited embedding,
+        fresh pursuits with the same ``k``.
+    steered:
+        Atom steering only: the steered trace the edit was built from (see
+        :func:`atom_steering`); None otherwise.
+    changes:
+        One row per atom whose code moved: atom, label, before, after, delta,
+        status (``gained``, ``lost`` or ``changed``), by decreasing ``|delta|``.
+    similarity:
+        Rows ``source`` and ``target`` (with the text): cosine of the mean
+        text embedding with the original and the edited embedding.
+    neighbours_before, neighbours_after:
+        Nearest corpus images (see :meth:`RetrievalIndex.nearest`), or None
+        without an index.
+    """
+
+    method: EditMethod
+    original_d: Tensor
+    edited_d: Tensor
+    before: EncodeResult
+    after: EncodeResult
+    steered: EncodeResult | None
+    changes: pd.DataFrame
+    similarity: pd.DataFrame
+    neighbours_before: pd.DataFrame | None
+    neighbours_after: pd.DataFrame | None
+
+
+def apply_edit(
+    method: EditMethod,
+    e_nd: Tensor,
+    *,
+    sae=None,
+    source_nd: Tensor | None = None,
+    target_nd: Tensor | None = None,
+    generator=None,
+    tower=None,
+) -> tuple[Tensor, EncodeResult | None]:
+    """Apply ``method`` to ``(n, d)`` unit-norm embeddings.
+
+    ``source_nd``/``target_nd`` are the mean text embeddings ``T(source)`` and
+    ``T(target)`` (one row, or one per input) for the text methods; ``sae``
+    is needed for atom steering. Returns ``(edited_nd, steered)``, where
+    ``steered`` is None except for atom steering.
+    """
+    if isinstance(method, AtomSteering):
+        if sae is None:
+            raise ValueError("atom steering needs the SAE")
+        return atom_steering(sae, e_nd, method)
+    if source_nd is None or target_nd is None:
+        raise ValueError(f"the {method.name} method needs source and target texts")
+    if isinstance(method, TextDirection):
+        return text_direction(e_nd, source_nd, target_nd, method.alpha), None
+    if isinstance(method, ClipGuided):
+        return clip_guided(e_nd, source_nd, target_nd, method, generator, tower), None
+    raise TypeError(f"unknown edit method {method!r}")
+
+
+def run_edit(
+    method: EditMethod,
+    e_d: Tensor,
+    *,
+    encoder,
+    sae,
+    source: str = "",
+    target: str = "",
+    index: RetrievalIndex | None = None,
+    atom_labels: list[str] | None = None,
+    generator=None,
+    tower=None,
+    k: int | None = None,
+    exclude_id: str | None = None,
+    n_neighbours: int = 5,
+) -> EditResult:
+    """Edit one image embedding ``e_d`` and measure the effects.
+
+    Parameters
+    ----------
+    method:
+        A :class:`TextDirection`, :class:`ClipGuided` or :class:`AtomSteering`.
+    e_d:
+        ``(d,)`` CLIP image embedding (normalised here).
+    encoder:
+        The model's encoder (text tower for ``T``).
+    sae:
+        The MP-SAE that reads both embeddings.
+    source, target:
+        Texts; optional for atom steering (then no similarity rows for the
+        missing ones).
+    index:
+        Corpus images for the nearest-neighbour lists.
+    atom_labels:
+        Label of each atom (``stats/atoms.parquet``), for the change table.
+    generator, tower:
+        Only for :class:`ClipGuided` with ``picture_weight > 0``.
+    k:
+        Pursuit steps for the before/after codes (default: the SAE's ``k``).
+    exclude_id:
+        Corpus id of the edited image, left out of the neighbour lists.
+    """
+    e_nd = F.normalize(torch.as_tensor(e_d, dtype=torch.float32).reshape(1, -1), dim=-1)
+    templates = getattr(method, "templates", DEFAULT_TEMPLATES)
+    texts = {"source": source, "target": target}
+    text_nd = _text_vectors(encoder, texts, templates)
+    edited_nd, steered = apply_edit(
+        method,
+        e_nd,
+        sae=sae,
+        source_nd=text_nd.get("source"),
+        target_nd=text_nd.get("target"),
+        generator=generator,
+        tower=tower,
+    )
+    k = k or (method.k if isinstance(method, AtomSteering) else None)
+    before = steered_pursuit(sae, e_nd, k)
+    after = steered_pursuit(sae, edited_nd, k)
+    similarity = pd.DataFrame(
+        [
+            {
+                "role": role,
+                "text": texts[role].strip(),
+                "before": float(e_nd[0] @ vec_1d[0]),
+                "after": float(edited_nd[0] @ vec_1d[0]),
+            }
+            for role, vec_1d in text_nd.items()
+        ],
+        columns=["role", "text", "before", "after"],
+    )
+    neighbours = [None, None]
+    if index is not None:
+        neighbours = [
+            index.nearest(x_nd[0], n_neighbours, exclude_id)
+            for x_nd in (e_nd, edited_nd)
+        ]
+    return EditResult(
+        method,
+        e_nd[0],
+        edited_nd[0],
+        before,
+        after,
+        steered,
+        code_changes(before.codes[0], after.codes[0], atom_labels),
+        similarity,
+        *neighbours,
+    )
+
+
+def _text_vectors(encoder, texts: dict[str, str], templates) -> dict[str, Tensor]:
+    """``T(text)`` (one row) per role, leaving out blank texts."""
+    texts = {role: text.strip() for role, text in texts.items() if text.strip()}
+    if not texts:
+        return {}
+    vectors_nd = phrase_embedding(encoder, list(texts.values()), templates)
+    return {role: vectors_nd[i : i + 1] for i, role in enumerate(texts)}
+
+
+def code_changes(
+    before_m: Tensor,
+    after_m: Tensor,
+    labels: list[str] | None = None,
+    tol: float = 1e-4,
+) -> pd.DataFrame:
+    """Atoms whose coefficient moved by more than ``tol`` between two codes.
+
+    ``gained``: zero before, non-zero after; ``lost``: the reverse;
+    ``changed``: non-zero in both. Sorted by decreasing ``|delta|``.
+    """
+    delta_m = after_m - before_m
+    atoms = torch.nonzero(delta_m.abs() > tol).flatten()
+    b, a = before_m[atoms], after_m[atoms]
+    status = np.where(b == 0, "gained", np.where(a == 0, "lost", "changed"))
+    table = pd.DataFrame(
+        {
+            "atom": atoms.numpy(),
+            "label": [labels[i] if labels else "" for i in atoms.tolist()],
+            "before": b.numpy(),
+            "after": a.numpy(),
+            "delta": delta_m[atoms].numpy(),
+            "status": status if len(atoms) else np.array([], dtype=str),
+        }
+    )
+    order = table["delta"].abs().sort_values(ascending=False).index
+    return table.loc[order].reset_index(drop=True)
+
+
+def trace_table(
+    result: EncodeResult, row: int = 0, labels: list[str] | None = None
+) -> pd.DataFrame:
+    """The pursuit trace of one row: step, atom, label, coefficient, residual_norm.
+
+    Steps after a stop (atom ``-1``) are left out; ``residual_norm`` is the
+    norm after the step.
+    """
+    atoms = result.atoms[row].tolist()
+    coefs = result.coefficients[row].tolist()
+    norms = result.residual_norms[row].tolist()
+    rows = [
+        {
+            "step": t + 1,
+            "atom": atom,
+            "label": labels[atom] if labels else "",
+            "coefficient": coefs[t],
+            "residual_norm": norms[t + 1],
+        }
+        for t, atom in enumerate(atoms)
+        if atom >= 0
+    ]
+    columns = ["step", "atom", "label", "coefficient", "residual_norm"]
+    return pd.DataFrame(rows, columns=columns)
