@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import logging
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import streamlit as st
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from backend.images import ImageSkipped, open_rgb
 from dashboard import loaders
 from dashboard.loaders import CacheError, CacheRef
 
@@ -124,8 +126,10 @@ def image_grid(
 def checked_upload(upload) -> Image.Image | None:
     """Decode an uploaded file as an RGB image, or say in the page why not.
 
-    Checks the size limit, that it decodes as an image, and the pixel count
-    (decompression bombs); a broken file gives a message, never a traceback.
+    Checks the size limit first, then opens the bytes with the project's safe
+    opener (:func:`backend.images.open_rgb`: must decode as an image, bounded
+    pixel count, odd modes converted); a bad file gives a message, never a
+    traceback.
     """
     if upload is None:
         return None
@@ -137,30 +141,26 @@ def checked_upload(upload) -> Image.Image | None:
         )
         return None
     try:
-        return decode_image(data)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        st.error(f"{upload.name} could not be read as an image: {error}")
+        return decode_image(data, Path(upload.name).suffix)
+    except ImageSkipped as error:
+        st.error(
+            f"{upload.name} cannot be used: {error.reason}"
+            f"{f' ({error.detail})' if error.detail else ''}. Upload a PNG, "
+            "JPEG, WebP, GIF or BMP image."
+        )
         return None
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes to an RGB image (first frame, alpha on white); raises if broken."""
-    with Image.open(io.BytesIO(data)) as probe:
-        width, height = probe.size
-        if width * height > UPLOAD_MAX_PIXELS:
-            raise ValueError(
-                f"{width} x {height} pixels is more than the "
-                f"{UPLOAD_MAX_PIXELS:,} allowed"
-            )
-        probe.verify()
-    image = Image.open(io.BytesIO(data))
-    image.seek(0)
-    image.load()
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        image = image.convert("RGBA")
-        canvas = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(canvas, image)
-    return image.convert("RGB")
+def decode_image(data: bytes, suffix: str = "") -> Image.Image:
+    """Bytes to an RGB image through :func:`backend.images.open_rgb`.
+
+    Raises :class:`backend.images.ImageSkipped` naming the reason when the
+    bytes are not a usable image.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"upload{suffix.lower()}"
+        path.write_bytes(data)
+        return open_rgb(path, max_pixels=UPLOAD_MAX_PIXELS)
 
 
 def query_int(name: str) -> int | None:

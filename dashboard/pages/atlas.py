@@ -34,6 +34,19 @@ def atlas_points(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
     return points.reset_index(drop=True)
 
 
+def _points_or_plain(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
+    """Points with thumbnails; without them (and a warning) if images fail."""
+    if thumbnails:
+        try:
+            return atlas_points(ref, True)
+        except (OSError, KeyError, ValueError) as error:
+            st.warning(
+                f"Hover thumbnails are off: the corpus images could not be read "
+                f"({type(error).__name__}: {error})."
+            )
+    return atlas_points(ref, False)
+
+
 def selected_atom(event) -> int | None:
     """The atom id a click on the chart selected, if any."""
     picked = (event or {}).get("selection", {}).get("atom") or []
@@ -54,7 +67,7 @@ def render() -> None:
     )
     thumbnails = right.toggle("Thumbnails on hover", value=True, key="atlas_thumbnails")
     with widgets.guard("Drawing the atlas"):
-        points = atlas_points(ref, thumbnails)
+        points = _points_or_plain(ref, thumbnails)
         dead = len(loaders.atoms(ref)) - len(points)
         st.caption(
             f"{len(points):,} live atoms placed by UMAP on their dictionary "

@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import live, loaders, plots, widgets
+from dashboard import analysis, live, loaders, plots, widgets
 from dashboard.loaders import CacheRef
 
 N_SHARED_SHOWN = 6
-GAP_SAMPLE = 1500
 
 
 def show_modality_histogram(ref: CacheRef) -> None:
@@ -26,24 +25,13 @@ def show_modality_histogram(ref: CacheRef) -> None:
             )
 
 
-def shared_atoms(ref: CacheRef, band: tuple[float, float], min_bridge: float):
-    """Atoms with a modality score inside ``band`` and a high bridge score."""
-    table = loaders.atoms(ref)
-    keep = (
-        table["modality_score"].between(*band)
-        & (table["bridge_score"] >= min_bridge)
-        & ~table["dead"].astype(bool)
-    )
-    return table[keep].sort_values("bridge_score", ascending=False)
-
-
 def show_shared(ref: CacheRef) -> None:
     left, right = st.columns(2)
     band = left.slider("Modality score between", 0.0, 1.0, (0.3, 0.7), 0.05, key="band")
     min_bridge = right.slider(
         "Bridge score at least", 0.0, 1.0, 0.1, 0.05, key="min_bridge"
     )
-    found = shared_atoms(ref, band, min_bridge)
+    found = analysis.shared_atoms(ref, band, min_bridge)
     st.caption(
         f"{len(found):,} shared atoms; the {N_SHARED_SHOWN} with the "
         "highest bridge score:"
@@ -72,44 +60,6 @@ def _top_rows(tops: pd.DataFrame, atom: int, modality: str, n: int) -> list[int]
     if (atom, modality) not in tops.index:
         return []
     return tops.loc[[(atom, modality)]]["row"].head(n).tolist()
-
-
-def cosine_attribution(ref: CacheRef, image_row: int, text_row: int) -> pd.DataFrame:
-    """How much each shared atom adds to the image-text cosine.
-
-    With unit-norm embeddings ``cos = x_i . x_t`` and ``x = b + sum_j z_j D_j
-    + r``. Expanding the product, each atom j used by both codes contributes
-    the diagonal term ``z_ij * z_tj * |D_j|^2 = z_ij * z_tj``; the rest of the
-    cosine (bias, cross terms between different atoms, residuals) is reported
-    as one remainder row, so the column sums to the cosine exactly.
-    """
-    image = live.summed_codes(live.stored_code(ref, image_row))
-    text = live.summed_codes(live.stored_code(ref, text_row))
-    shared = image.index.intersection(text.index)
-    labels = loaders.atoms(ref)["label"]
-    table = pd.DataFrame(
-        {
-            "atom": shared,
-            "label": labels.reindex(shared).fillna("").to_numpy(),
-            "image coefficient": image[shared].to_numpy(),
-            "text coefficient": text[shared].to_numpy(),
-        }
-    )
-    table["adds to cosine"] = table["image coefficient"] * table["text coefficient"]
-    acts_nd = loaders.acts(ref)
-    cosine = float(acts_nd[image_row] @ acts_nd[text_row])
-    rest = cosine - table["adds to cosine"].sum()
-    table = table.sort_values("adds to cosine", ascending=False)
-    remainder = pd.DataFrame(
-        [
-            {
-                "atom": -1,
-                "label": "everything else (bias, cross terms, residuals)",
-                "adds to cosine": rest,
-            }
-        ]
-    )
-    return pd.concat([table, remainder], ignore_index=True)
 
 
 def show_pair(ref: CacheRef) -> None:
@@ -141,7 +91,7 @@ def show_pair(ref: CacheRef) -> None:
     with text_col:
         st.markdown(f"**{data.loc[text_row, 'text']}**")
         _trace_with_marks(ref, text_row, image_row)
-    attribution = cosine_attribution(ref, image_row, text_row)
+    attribution = analysis.cosine_attribution(ref, image_row, text_row)
     st.markdown(
         f"**Image-text cosine {attribution['adds to cosine'].sum():.3f}**; "
         f"the {len(attribution) - 1} shared atoms add "
@@ -157,42 +107,8 @@ def _trace_with_marks(ref: CacheRef, row: int, other_row: int) -> None:
     st.dataframe(trace, hide_index=True, width="stretch", height=320)
 
 
-@st.cache_data(show_spinner="Projecting embeddings ...", max_entries=8)
-def gap_points(ref: CacheRef, n: int = GAP_SAMPLE) -> tuple[pd.DataFrame, float]:
-    """A sample of each modality on its top-2 principal components.
-
-    Returns the points and the distance between the two modality centroids
-    in the full embedding space, measured on the sample.
-    """
-    data = loaders.items(ref)
-    acts_nd = loaders.acts(ref)
-    rng = np.random.default_rng(0)
-    rows = []
-    for modality in ("image", "text"):
-        candidates = np.flatnonzero(data["modality"].to_numpy() == modality)
-        rows.append(rng.choice(candidates, size=min(n, candidates.size), replace=False))
-    rows = np.concatenate(rows)
-    sample_nd = acts_nd[rows]
-    centred_nd = sample_nd - sample_nd.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred_nd, full_matrices=False)
-    pcs_n2 = centred_nd @ vt[:2].T
-    modality = data["modality"].to_numpy()[rows]
-    points = pd.DataFrame(
-        {
-            "pc1": pcs_n2[:, 0],
-            "pc2": pcs_n2[:, 1],
-            "modality": modality,
-            "name": loaders.item_names(ref).iloc[rows].to_numpy(),
-        }
-    )
-    gap = np.linalg.norm(
-        sample_nd[modality == "image"].mean(0) - sample_nd[modality == "text"].mean(0)
-    )
-    return points, float(gap)
-
-
 def show_gap(ref: CacheRef) -> None:
-    points, gap = gap_points(ref)
+    points, gap = analysis.gap_points(ref)
     st.plotly_chart(plots.modality_gap(points, gap), width="stretch")
     stored = loaders.summary(ref).get("modality_gap")
     if stored is not None:

@@ -6,10 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import loaders, plots, widgets
+from dashboard import analysis, loaders, plots, widgets
 from dashboard.loaders import CacheRef
-
-SAMPLE_PAIRS = 20_000
 
 
 def settings_table(data: dict) -> pd.DataFrame:
@@ -33,34 +31,6 @@ def stage_table(data: dict) -> pd.DataFrame:
         ],
         columns=["stage", "seconds", "done"],
     )
-
-
-@st.cache_data(show_spinner="Sampling atom pairs ...", max_entries=8)
-def pair_cosines(ref: CacheRef, n_pairs: int = SAMPLE_PAIRS) -> dict[str, np.ndarray]:
-    """Cosines of atom pairs picked one after the other, and of random pairs.
-
-    Consecutive pairs are sampled uniformly from the stored MP traces (step t
-    and t + 1 of one input, both real picks); random pairs draw two atoms
-    uniformly among the atoms that were ever picked. Same count for both.
-    """
-    atoms_nk = loaders.traces(ref, "mp").atoms_nk
-    atoms_md = loaders.sae(ref, "mp").atoms_md.detach().cpu().numpy()
-    first, second = atoms_nk[:, :-1].ravel(), atoms_nk[:, 1:].ravel()
-    valid = np.flatnonzero((first >= 0) & (second >= 0) & (first != second))
-    rng = np.random.default_rng(0)
-    chosen = rng.choice(valid, size=min(n_pairs, valid.size), replace=False)
-    used = np.unique(atoms_nk[atoms_nk >= 0])
-    rand_a = rng.choice(used, size=chosen.size)
-    rand_b = rng.choice(used, size=chosen.size)
-    keep = rand_a != rand_b
-
-    def cosine(a, b):
-        return np.einsum("nd,nd->n", atoms_md[a], atoms_md[b])
-
-    return {
-        "picked one after the other": cosine(first[chosen], second[chosen]),
-        "random pairs": cosine(rand_a[keep], rand_b[keep]),
-    }
 
 
 def show_settings(ref: CacheRef) -> None:
@@ -109,7 +79,7 @@ def _readable(value) -> str:
 
 
 def show_orthogonality(ref: CacheRef) -> None:
-    samples = pair_cosines(ref)
+    samples = analysis.pair_cosines(ref)
     left, right = st.columns([3, 1])
     left.plotly_chart(plots.cosine_histograms(samples), width="stretch")
     for name, values in samples.items():
