@@ -15,6 +15,7 @@ import logging
 COMMAND_MODULES: list[str] = [
     "backend.corpus_build",
     "backend.generator",
+    "backend.edits",
     "backend.cache",
 ]
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -663,3 +664,321 @@ def trace_table(
     ]
     columns = ["step", "atom", "label", "coefficient", "residual_norm"]
     return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------
+# Evaluation over held-out edit pairs.
+
+DEFAULT_CATCH_ALL = ("Component", "unsorted", "special")
+
+
+class EditPair(NamedTuple):
+    """One held-out edit: move image ``corpus_id`` (activation ``row``) from
+    its own category ``source`` towards the sibling category ``target``.
+    ``source_text``/``target_text`` are the readable phrases given to ``T``."""
+
+    corpus_id: str
+    row: int
+    source: str
+    target: str
+    source_text: str
+    target_text: str
+
+
+def readable(label: str) -> str:
+    """A category label as words: last path part, ``_``/``-`` as spaces."""
+    return label.rsplit("/", 1)[-1].replace("_", " ").replace("-", " ").strip()
+
+
+def edit_pairs(
+    items: pd.DataFrame,
+    n_pairs: int,
+    seed: int = 0,
+    catch_all: tuple[str, ...] = DEFAULT_CATCH_ALL,
+) -> list[EditPair]:
+    """Draw held-out edit pairs from the corpus hierarchy.
+
+    The rule: every test-split image gets its finest label (level2, else
+    level1; see :func:`finest_label`) as source; the candidate targets are the
+    other labels at the same depth under the same parent (the coarser
+    levels), over the whole corpus, leaving out emoji variant names (labels
+    with a ``:``, such as skin tones) and top-level catch-alls. A seeded
+    generator picks one target per image and then ``n_pairs`` images.
+    Example: "dog face" (emoji subgroup animal-mammal) -> "cat face".
+    """
+    table = _labelled_images(items, catch_all)
+    siblings = (
+        table[~table["label"].str.contains(":")]
+        .groupby(["parent", "depth"])["label"]
+        .agg(lambda s: sorted(set(s)))
+    )
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for rec in table[table["split"] == "test"].itertuples():
+        options = [
+            x for x in siblings.get((rec.parent, rec.depth), []) if x != rec.label
+        ]
+        if options:
+            target = options[rng.integers(len(options))]
+            pairs.append(
+                EditPair(
+                    rec.corpus_id,
+                    int(rec.row),
+                    rec.label,
+                    target,
+                    readable(rec.label),
+                    readable(target),
+                )
+            )
+    chosen = rng.permutation(len(pairs))[:n_pairs]
+    return [pairs[i] for i in sorted(chosen)]
+
+
+def _labelled_images(items: pd.DataFrame, catch_all: tuple[str, ...]) -> pd.DataFrame:
+    images = items[(items["modality"] == "image") & ~items["level0"].isin(catch_all)]
+    images = images[images["level1"].notna()]
+    has2 = images["level2"].notna()
+    return pd.DataFrame(
+        {
+            "corpus_id": images["corpus_id"],
+            "row": images["row"],
+            "split": images["split"],
+            "label": finest_label(images),
+            "parent": np.where(
+                has2,
+                images["level0"].astype(str) + "/" + images["level1"].astype(str),
+                images["level0"].astype(str),
+            ),
+            "depth": np.where(has2, 2, 1),
+        }
+    )
+
+
+class EditEvalRow(NamedTuple):
+    """Result of one method over the pairs.
+
+    ``embedding_top``: share of pairs whose edited embedding has an image of
+    the target category among its ``top`` nearest corpus images (the edited
+    image itself left out); ``picture_top``: the same for the generator's
+    picture of the edited embedding, encoded again; ``target_gain``: mean
+    increase of the cosine to ``T(target)``; ``kept``: mean cosine between
+    the original and edited embedding.
+    """
+
+    method: str
+    embedding_top: float
+    picture_top: float
+    target_gain: float
+    kept: float
+
+
+def evaluate_edits(
+    pairs: list[EditPair],
+    methods: dict[str, EditMethod | None],
+    *,
+    encoder,
+    sae,
+    index: RetrievalIndex,
+    acts_nd: np.ndarray,
+    generator=None,
+    top: int = 5,
+) -> list[EditEvalRow]:
+    """Score each method on the pairs (see :class:`EditEvalRow`).
+
+    ``methods`` maps a row name to a method config; ``None`` is the no-edit
+    baseline (the original embedding; its picture is the reconstruction).
+    :class:`AtomSteering` configs are used as templates: for each pair the
+    steered atom is the one whose MP code grows most from ``T(source)`` to
+    ``T(target)``. Without a generator ``picture_top`` is NaN.
+    """
+    e_nd = F.normalize(
+        torch.from_numpy(np.asarray(acts_nd[[p.row for p in pairs]])), dim=-1
+    )
+    phrases = sorted({p.source_text for p in pairs} | {p.target_text for p in pairs})
+    text_nd = dict(zip(phrases, phrase_embedding(encoder, phrases), strict=True))
+    source_nd = torch.stack([text_nd[p.source_text] for p in pairs])
+    target_nd = torch.stack([text_nd[p.target_text] for p in pairs])
+    rows = []
+    for name, method in methods.items():
+        edited_nd = _edit_batch(method, e_nd, source_nd, target_nd, sae)
+        rows.append(
+            EditEvalRow(
+                name,
+                _hit_rate(index, edited_nd, pairs, top),
+                _picture_hit_rate(generator, encoder, index, edited_nd, pairs, top),
+                float(((edited_nd - e_nd) * target_nd).sum(-1).mean()),
+                float((edited_nd * e_nd).sum(-1).mean()),
+            )
+        )
+        logger.info("%s: %s", name, rows[-1])
+    return rows
+
+
+def _edit_batch(method, e_nd, source_nd, target_nd, sae) -> Tensor:
+    if method is None:
+        return e_nd
+    if not isinstance(method, AtomSteering):
+        return apply_edit(method, e_nd, source_nd=source_nd, target_nd=target_nd)[0]
+    gain_nm = _text_codes(sae, target_nd) - _text_codes(sae, source_nd)
+    atoms = gain_nm.argmax(dim=-1).tolist()
+    return torch.cat(
+        [
+            atom_steering(sae, e_nd[i : i + 1], _with_atom(method, atom))[0]
+            for i, atom in enumerate(atoms)
+        ]
+    )
+
+
+def _text_codes(sae, x_nd: Tensor) -> Tensor:
+    return steered_pursuit(sae, x_nd).codes
+
+
+def _with_atom(method: AtomSteering, atom: int) -> AtomSteering:
+    return AtomSteering(
+        atom, method.action, method.strength, method.step, method.k, method.seed
+    )
+
+
+def _hit_rate(index, edited_nd, pairs, top) -> float:
+    hits = [
+        pair.target in set(index.nearest(x_d, top, pair.corpus_id)["label"])
+        for x_d, pair in zip(edited_nd, pairs, strict=True)
+    ]
+    return float(np.mean(hits))
+
+
+def _picture_hit_rate(generator, encoder, index, edited_nd, pairs, top) -> float:
+    if generator is None:
+        return float("nan")
+    from backend.generator import decode_pictures
+
+    again_nd = encoder.encode_images(decode_pictures(generator, edited_nd))
+    return _hit_rate(index, again_nd, pairs, top)
+
+
+# --------------------------------------------------------------------------
+# Command line: python -m backend edits evaluate
+
+
+def add_command(subparsers) -> None:
+    """Add ``edits evaluate`` to the CLI."""
+    parser = subparsers.add_parser(
+        "edits",
+        help="evaluate text-guided edits on held-out pairs",
+        description="Text-guided edits of image embeddings read through the MP-SAE.",
+    )
+    sub = parser.add_subparsers(dest="edits_command", metavar="ACTION")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="share of held-out edits that retrieve the target category",
+        description="Draw held-out edit pairs from the corpus hierarchy (a "
+        "test image's category towards a sibling category), apply each edit "
+        "method, and report how often the edited embedding, and the "
+        "generator's picture of it encoded again, has an image of the target "
+        "category among its nearest corpus images.",
+    )
+    evaluate.add_argument(
+        "--cache", default=None, help="cache/<key> folder (default: newest build)"
+    )
+    evaluate.add_argument(
+        "--generator", default=None, help="generator folder (default assets/generator)"
+    )
+    evaluate.add_argument(
+        "--no-pictures", action="store_true", help="skip the picture column"
+    )
+    evaluate.add_argument("--pairs", type=int, default=200, help="number of pairs")
+    evaluate.add_argument("--top", type=int, default=5, help="retrieval depth")
+    evaluate.add_argument("--seed", type=int, default=0, help="pair sampling seed")
+    evaluate.add_argument(
+        "--alpha", type=float, default=TextDirection.alpha, help="text direction"
+    )
+    evaluate.add_argument(
+        "--steer-strength",
+        type=float,
+        default=AtomSteering.strength,
+        help="coefficient added by atom steering",
+    )
+    evaluate.add_argument("--json", default=None, help="also write results here")
+    evaluate.add_argument("--threads", type=int, default=2, help="torch threads")
+    evaluate.set_defaults(func=_cmd_evaluate)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _cmd_evaluate(args) -> int:
+    from backend.atomic import write_json
+    from backend.cache import latest_cache, open_cache
+    from backend.corpus import load_corpus
+    from backend.generator import DEFAULT_DIR, load_generator, model_fingerprint
+    from backend.models import resolve_model
+    from backend.sae import load_sae
+
+    torch.set_num_threads(args.threads)
+    cache_dir = Path(args.cache) if args.cache else latest_cache()
+    if cache_dir is None:
+        raise SystemExit("no built cache; build one with: python -m backend build")
+    manifest = open_cache(cache_dir, verify=False)
+    inputs = manifest["inputs"]
+    encoder = resolve_model(_spec(inputs["model"]))
+    corpus_spec = _spec(inputs.get("corpus"))
+    meta = load_corpus(None if corpus_spec in (None, "default") else corpus_spec).meta
+    catch_all = tuple(meta.get("catch_all_level0", DEFAULT_CATCH_ALL))
+    sae = load_sae(cache_dir / "sae" / "mp")
+    items = pd.read_parquet(cache_dir / "activations" / "items.parquet")
+    acts_nd = np.load(cache_dir / "activations" / "acts.npy", mmap_mode="r")
+    generator = None
+    if not args.no_pictures:
+        generator = load_generator(
+            args.generator or DEFAULT_DIR, model_fingerprint(encoder)
+        )
+    pairs = edit_pairs(items, args.pairs, args.seed, catch_all)
+    methods = {
+        "no edit": None,
+        f"text direction (alpha {args.alpha})": TextDirection(alpha=args.alpha),
+        "CLIP-guided": ClipGuided(),
+        f"atom steering (add {args.steer_strength})": AtomSteering(
+            0, "add", args.steer_strength
+        ),
+    }
+    rows = evaluate_edits(
+        pairs,
+        methods,
+        encoder=encoder,
+        sae=sae,
+        index=retrieval_index(items, acts_nd),
+        acts_nd=acts_nd,
+        generator=generator,
+        top=args.top,
+    )
+    print(_format_rows(rows, pairs, args.top, cache_dir))
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "cache": str(cache_dir),
+                "pairs": [p._asdict() for p in pairs],
+                "top": args.top,
+                "rows": [r._asdict() for r in rows],
+            },
+        )
+    return 0
+
+
+def _spec(value) -> str | None:
+    return value.get("spec") if isinstance(value, dict) else value
+
+
+def _format_rows(rows, pairs, top, cache_dir) -> str:
+    lines = [
+        f"{len(pairs)} held-out edit pairs from {cache_dir} "
+        f"(e.g. {pairs[0].source_text!r} -> {pairs[0].target_text!r})"
+        if pairs
+        else "no edit pairs",
+        f"{'method':<28} {'emb top' + str(top):>9} {'pic top' + str(top):>9} "
+        f"{'target gain':>12} {'cos kept':>9}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.method:<28} {r.embedding_top:>9.1%} {r.picture_top:>9.1%} "
+            f"{r.target_gain:>12.3f} {r.kept:>9.3f}"
+        )
+    return "\n".join(lines)
