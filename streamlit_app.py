@@ -14,6 +14,7 @@ PAGES = [
     st.Page("dashboard/pages/crossmodal.py", title="Cross-modal", icon="🔀"),
     st.Page("dashboard/pages/traces.py", title="Traces", icon="🪜"),
     st.Page("dashboard/pages/atlas.py", title="Atlas", icon="🗺️"),
+    st.Page("dashboard/pages/edits.py", title="Edits", icon="✏️"),
 ]
 
 st.set_page_config(page_title="MP-SAE Atlas", layout="wide")

@@ -1,0 +1,285 @@
+"""Edits: move an image's CLIP embedding towards a text and read the change.
+
+Choose a corpus image or upload one, type a source and a target text, choose
+an edit method (backend.edits) and see the pictures (original, the
+generator's reconstruction, the edited picture), the atoms gained, lost and
+changed, both pursuit traces, the similarity to both texts and the nearest
+corpus images before and after. The same seed gives the same result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+import torch
+from PIL import Image
+
+from backend import edits
+from backend import generator as gen
+from dashboard import live, loaders, widgets
+from dashboard.loaders import CacheRef
+
+SOURCES = ("From the corpus", "Upload an image")
+METHODS = ("Text direction", "CLIP-guided", "Atom steering")
+TRAIN_COMMAND = ".venv/bin/python -m backend generator train --out assets/generator"
+
+
+class Chosen:
+    """The image to edit: embedding, picture, name and corpus id (or None)."""
+
+    def __init__(self, e_d, image, name, corpus_id):
+        self.e_d, self.image, self.name, self.corpus_id = e_d, image, name, corpus_id
+
+
+@st.cache_resource(show_spinner="Indexing the corpus images ...", max_entries=4)
+def retrieval_index(ref: CacheRef) -> edits.RetrievalIndex:
+    """The cache's image activations as a retrieval index."""
+    return edits.retrieval_index(loaders.items(ref), loaders.acts(ref))
+
+
+@st.cache_resource(show_spinner="Loading the generator ...", max_entries=2)
+def load_generator(fingerprint: str | None):
+    """The shipped generator, checked against the model's fingerprint."""
+    return gen.load_generator(gen.DEFAULT_DIR, fingerprint)
+
+
+@st.cache_resource(show_spinner="Preparing the image tower ...", max_entries=2)
+def load_tower(spec: str):
+    """The frozen differentiable image tower of the cache's model."""
+    return gen.image_tower(loaders.encoder(spec))
+
+
+def generator_or_none(ref: CacheRef):
+    """The generator for this cache's model, or None with a note saying why."""
+    encoder = loaders.encoder(loaders.model_spec(ref))
+    try:
+        return load_generator(gen.model_fingerprint(encoder))
+    except (FileNotFoundError, ValueError) as error:
+        st.info(f"No pictures: {error}")
+        st.code(TRAIN_COMMAND, language="bash")
+        return None
+
+
+def atom_labels(ref: CacheRef) -> list[str]:
+    labels = loaders.atoms(ref)["label"].fillna("").astype(str)
+    return labels.reindex(range(int(labels.index.max()) + 1), fill_value="").tolist()
+
+
+def choose_image(ref: CacheRef) -> Chosen | None:
+    source = st.radio("Image", SOURCES, horizontal=True, key="edit_source")
+    if source == SOURCES[0]:
+        row = widgets.item_picker(ref, "edit_item", modality="image")
+        if row is None:
+            return None
+        corpus_id = str(loaders.items(ref).at[row, "corpus_id"])
+        image = loaders.thumbnail(ref, corpus_id, 128)
+        name = loaders.item_names(ref)[row]
+        return Chosen(loaders.acts(ref)[row], image, name, corpus_id)
+    upload = st.file_uploader("Image", type=widgets.UPLOAD_TYPES, key="edit_upload")
+    image = widgets.checked_upload(upload)
+    if image is None:
+        return None
+    with st.spinner("Encoding the image with CLIP ..."):
+        return Chosen(live.embed_image(ref, image), image, upload.name, None)
+
+
+def method_controls(ref: CacheRef, has_generator: bool) -> edits.EditMethod:
+    """The method radio and its knobs; returns the method config."""
+    method = st.radio("Method", METHODS, horizontal=True, key="edit_method")
+    seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="edit_seed"))
+    if method == METHODS[0]:
+        alpha = st.slider(
+            "alpha",
+            0.0,
+            4.0,
+            edits.TextDirection.alpha,
+            0.1,
+            key="edit_alpha",
+            help="e' = normalise(e + alpha (T(target) - T(source)))",
+        )
+        return edits.TextDirection(alpha=alpha, seed=seed)
+    if method == METHODS[1]:
+        return clip_guided_controls(seed, has_generator)
+    return steering_controls(ref, seed)
+
+
+def clip_guided_controls(seed: int, has_generator: bool) -> edits.ClipGuided:
+    defaults = edits.ClipGuided()
+    cols = st.columns(4)
+    target = cols[0].slider(
+        "pull to target", 0.0, 3.0, defaults.target_weight, 0.1, key="edit_cg_target"
+    )
+    keep = cols[1].slider(
+        "stay close", 0.0, 3.0, defaults.keep_weight, 0.1, key="edit_cg_keep"
+    )
+    direction = cols[2].slider(
+        "along direction", 0.0, 10.0, defaults.direction_weight, 0.5, key="edit_cg_dir"
+    )
+    picture = cols[3].slider(
+        "picture loss",
+        0.0,
+        3.0,
+        0.0,
+        0.1,
+        key="edit_cg_picture",
+        disabled=not has_generator,
+        help="1 - cos(tower(G(e')), T(target)) through the generator",
+    )
+    steps = st.slider("steps", 0, 200, defaults.steps, 10, key="edit_cg_steps")
+    return edits.ClipGuided(
+        target_weight=target,
+        keep_weight=keep,
+        direction_weight=direction,
+        picture_weight=picture if has_generator else 0.0,
+        steps=steps,
+        seed=seed,
+    )
+
+
+def steering_controls(ref: CacheRef, seed: int) -> edits.AtomSteering:
+    n_atoms = int(loaders.sae(ref, "mp").atoms_md.shape[0])
+    k = int(loaders.sae(ref, "mp").config.k)
+    cols = st.columns(4)
+    atom = int(cols[0].number_input("atom", 0, n_atoms - 1, 0, key="edit_atom"))
+    action = cols[1].radio("action", ("add", "remove", "force"), key="edit_action")
+    if action == "remove":
+        strength = cols[2].slider(
+            "fraction removed", 0.0, 1.0, 1.0, 0.05, key="edit_remove_strength"
+        )
+    else:
+        strength = cols[2].slider(
+            "coefficient", 0.0, 1.5, 0.3, 0.05, key="edit_strength"
+        )
+    step = int(
+        cols[3].number_input(
+            "force at step", 1, k, 1, key="edit_step", disabled=action != "force"
+        )
+    )
+    return edits.AtomSteering(atom, action, strength, step, seed=seed)
+
+
+def show_pictures(ref, chosen: Chosen, result: edits.EditResult, generator) -> None:
+    cols = st.columns(3)
+    cols[0].image(chosen.image, caption="original", width=160)
+    if generator is None:
+        cols[1].caption("reconstruction: no generator")
+        return
+    both = torch.stack([result.original_d, result.edited_d])
+    recon, edited = gen.decode_pictures(generator, both)
+    cols[1].image(_big(recon), caption="reconstruction G(e)", width=160)
+    cols[2].image(_big(edited), caption="edited G(e')", width=160)
+    if isinstance(result.method, edits.AtomSteering):
+        st.caption("The steered atom alone (bias + coefficient x atom):")
+        picture = gen.atom_picture(
+            loaders.sae(ref, "mp"), generator, result.method.atom, 1.0
+        )
+        st.image(_big(picture), width=96)
+
+
+def _big(image: Image.Image) -> Image.Image:
+    return image.resize((160, 160), Image.NEAREST)
+
+
+def show_changes(result: edits.EditResult) -> None:
+    st.subheader("Code changes")
+    sim = result.similarity.assign(change=lambda t: t["after"] - t["before"])
+    st.dataframe(sim, hide_index=True, width="stretch")
+    changes = result.changes
+    counts = changes["status"].value_counts()
+    st.markdown(
+        f"**{counts.get('gained', 0)} atoms gained, {counts.get('lost', 0)} lost, "
+        f"{counts.get('changed', 0)} changed**; cosine(original, edited) = "
+        f"{float(result.original_d @ result.edited_d):.3f}"
+    )
+    st.dataframe(changes, hide_index=True, width="stretch")
+    for rec in changes.head(5).itertuples():
+        widgets.atom_link(int(rec.atom), rec.label, f"{rec.status} {rec.delta:+.3f}")
+
+
+def show_traces(result: edits.EditResult, labels: list[str]) -> None:
+    st.subheader("Traces")
+    panes = [("before", result.before), ("after", result.after)]
+    if result.steered is not None:
+        panes.append(("steered (the edit)", result.steered))
+    for col, (name, code) in zip(st.columns(len(panes)), panes, strict=True):
+        col.markdown(f"**{name}**")
+        col.dataframe(edits.trace_table(code, 0, labels), hide_index=True)
+
+
+def show_neighbours(ref: CacheRef, result: edits.EditResult) -> None:
+    st.subheader("Nearest corpus images")
+    for title, table in (
+        ("before", result.neighbours_before),
+        ("after", result.neighbours_after),
+    ):
+        st.markdown(f"**{title}**")
+        images = [loaders.thumbnail(ref, cid, 96) for cid in table["corpus_id"]]
+        captions = [
+            f"{lab} · {cos:.3f}"
+            for lab, cos in zip(table["label"], table["cosine"], strict=True)
+        ]
+        widgets.image_grid(images, captions, columns=len(images) or 1)
+
+
+def render() -> None:
+    st.title("Edits")
+    ref = widgets.current_cache()
+    with widgets.guard("Choosing the image"):
+        chosen = choose_image(ref)
+    if chosen is None:
+        st.info("Choose a corpus image or upload one.")
+        return
+    left, right = st.columns(2)
+    source = left.text_input(
+        "Source text", key="edit_source_text", placeholder="dog face"
+    )
+    target = right.text_input(
+        "Target text", key="edit_target_text", placeholder="cat face"
+    )
+    with widgets.guard("Loading the generator"):
+        generator = generator_or_none(ref)
+    method = method_controls(ref, generator is not None)
+    if not isinstance(method, edits.AtomSteering) and not (
+        source.strip() and target.strip()
+    ):
+        st.info("Type a source and a target text.")
+        return
+    with widgets.guard("Editing"), st.spinner("Editing ..."):
+        result = run(ref, chosen, method, source, target, generator)
+        show_pictures(ref, chosen, result, generator)
+        show_changes(result)
+        show_traces(result, atom_labels(ref))
+        show_neighbours(ref, result)
+
+
+def run(ref, chosen, method, source, target, generator) -> edits.EditResult:
+    spec = loaders.model_spec(ref)
+    tower = None
+    if getattr(method, "picture_weight", 0) > 0:
+        tower = load_tower(spec)
+    result = edits.run_edit(
+        method,
+        torch.as_tensor(np.asarray(chosen.e_d, dtype=np.float32)),
+        encoder=loaders.encoder(spec),
+        sae=loaders.sae(ref, "mp"),
+        source=source,
+        target=target,
+        index=retrieval_index(ref),
+        atom_labels=atom_labels(ref),
+        generator=generator,
+        tower=tower,
+        exclude_id=chosen.corpus_id,
+    )
+    if isinstance(method, edits.AtomSteering) and not _in_code(result, method):
+        st.info(
+            f"Atom {method.atom} is not in this image's code; "
+            "removing it changes nothing."
+        )
+    return result
+
+
+def _in_code(result: edits.EditResult, method: edits.AtomSteering) -> bool:
+    return method.action != "remove" or bool(result.before.codes[0, method.atom] > 0)
+
+
+render()
