@@ -24,8 +24,9 @@ class Code(NamedTuple):
 
     ``atoms_k`` (-1 after a stop), ``coefficients_k``, ``residual_norms_k1``
     (``|x - b|`` then the norm after each step), ``recon_kd`` (the running
-    reconstruction ``b + sum of the first t picks`` after each step t) and
-    ``x_d`` (the input).
+    reconstruction ``b + sum of the first t picks`` after each step t),
+    ``x_d`` (the input) and ``energy`` (``|x - m|^2`` with ``m`` the mean
+    activation of the input's modality, the cache's FVU denominator).
     """
 
     atoms_k: np.ndarray
@@ -33,6 +34,7 @@ class Code(NamedTuple):
     residual_norms_k1: np.ndarray
     recon_kd: np.ndarray
     x_d: np.ndarray
+    energy: float
 
     @property
     def n_steps(self) -> int:
@@ -41,9 +43,8 @@ class Code(NamedTuple):
 
     @property
     def fvu_k(self) -> np.ndarray:
-        """Fraction of the input's centred energy left after each step."""
-        start = max(float(self.residual_norms_k1[0]) ** 2, 1e-12)
-        return self.residual_norms_k1[1:] ** 2 / start
+        """FVU after each step: ``|r_t|^2 / |x - m|^2`` as in the cache."""
+        return self.residual_norms_k1[1:] ** 2 / max(self.energy, 1e-12)
 
 
 def embed_texts(ref: CacheRef, texts: list[str]) -> np.ndarray:
@@ -82,8 +83,18 @@ def encode(
         return model.encode(x_nd, k=k)
 
 
-def code_of(ref: CacheRef, x_d: np.ndarray, kind: str, k: int, threshold=None):
-    """Encode one input and rebuild its running reconstruction (a Code)."""
+def code_of(
+    ref: CacheRef,
+    x_d: np.ndarray,
+    modality: str,
+    kind: str,
+    k: int,
+    threshold: float | None = None,
+) -> Code:
+    """Encode one input and rebuild its running reconstruction (a Code).
+
+    ``modality`` ("image" or "text") picks the mean the FVU is measured from.
+    """
     result = encode(ref, x_d[None, :], kind, k, threshold)
     atoms_k = result.atoms[0].cpu().numpy()
     coefficients_k = result.coefficients[0].cpu().numpy()
@@ -98,7 +109,8 @@ def code_of(ref: CacheRef, x_d: np.ndarray, kind: str, k: int, threshold=None):
     norms_k1 = np.linalg.norm(
         x_d[None, :] - np.vstack([bias_d[None, :], recon_kd]), axis=1
     )
-    return Code(atoms_k, coefficients_k, norms_k1, recon_kd, x_d)
+    energy = float(np.sum((x_d - loaders.modality_means(ref)[modality]) ** 2))
+    return Code(atoms_k, coefficients_k, norms_k1, recon_kd, x_d, energy)
 
 
 def nearest_rows(

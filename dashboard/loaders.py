@@ -23,41 +23,14 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
+from backend.cache import CacheError, open_cache, read_manifest, rebuild_command
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ROOT_ENV = "ATLAS_CACHE_ROOT"
-SCHEMA_VERSION = 1
 BUILD_COMMAND = "make app    # or: .venv/bin/python -m backend build"
 SAE_KINDS = ("mp", "topk")
-
-# Files a complete schema-1 cache holds; the pages read all of them.
-REQUIRED_FILES = (
-    "activations/items.parquet",
-    "activations/acts.npy",
-    "codes/mp_atoms.npy",
-    "codes/mp_coefficients.npy",
-    "codes/mp_residual_norms.npy",
-    "codes/mp_fvu.npy",
-    "codes/topk_atoms.npy",
-    "codes/topk_coefficients.npy",
-    "codes/topk_fvu.npy",
-    "stats/atoms.parquet",
-    "stats/pick_steps.npy",
-    "stats/coef_hist.npy",
-    "stats/coef_hist_edges.npy",
-    "stats/top_items.parquet",
-    "stats/neighbors.parquet",
-    "stats/transitions.parquet",
-    "stats/fvu_by_k.parquet",
-    "stats/l0.parquet",
-    "stats/hierarchy.parquet",
-    "stats/summary.json",
-)
-
-
-class CacheError(Exception):
-    """A cache the dashboard cannot read; the message says how to rebuild it."""
 
 
 class CacheRef(NamedTuple):
@@ -118,32 +91,28 @@ def _path(ref: CacheRef, relative: str) -> Path:
     return Path(ref.path) / relative
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner="Checking the cache ...", max_entries=8)
 def manifest(ref: CacheRef) -> dict:
-    """The manifest, after checking schema version and that the files exist.
+    """The manifest, once the cache passed :func:`backend.cache.open_cache`.
+
+    That check (schema version, complete build, every file's size and
+    SHA-256) reads each file once per cache and dashboard process.
 
     Raises
     ------
-    CacheError
-        When the schema version differs or a file is missing; the message
-        names the problem and the command that rebuilds the cache.
+    backend.cache.CacheError
+        Unfinished, incompatible or damaged cache; the message names the
+        command that rebuilds it.
     """
-    with open(_path(ref, "manifest.json"), encoding="utf-8") as handle:
-        data = json.load(handle)
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise CacheError(
-            f"Cache {ref.key} has schema version {version}; this dashboard reads "
-            f"version {SCHEMA_VERSION}. Rebuild it with `{BUILD_COMMAND}`."
-        )
-    missing = [name for name in REQUIRED_FILES if not _path(ref, name).is_file()]
-    if missing:
-        raise CacheError(
-            f"Cache {ref.key} is incomplete (missing {', '.join(missing[:3])}"
-            f"{' ...' if len(missing) > 3 else ''}). Finish or rerun the build "
-            f"with `{BUILD_COMMAND}`."
-        )
-    return data
+    return open_cache(ref.path, verify=True)
+
+
+def rebuild_hint(ref: CacheRef) -> str:
+    """The command that rebuilds this cache (from its manifest if readable)."""
+    try:
+        return rebuild_command(read_manifest(Path(ref.path)))
+    except (CacheError, OSError, ValueError):
+        return BUILD_COMMAND
 
 
 def _spec(data: dict, part: str) -> str | None:
@@ -193,6 +162,14 @@ def traces(ref: CacheRef, kind: str) -> Traces:
         residual_norms_nk1=np.load(norms_path) if norms_path.is_file() else None,
         fvu_n=np.load(_path(ref, f"codes/{kind}_fvu.npy")),
     )
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def modality_means(ref: CacheRef) -> dict[str, np.ndarray]:
+    """Mean activation (d,) of each modality: the FVU reference point."""
+    modality = items(ref)["modality"].to_numpy()
+    acts_nd = acts(ref)
+    return {m: acts_nd[modality == m].mean(axis=0) for m in ("image", "text")}
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -23,7 +23,8 @@ def _compact(fig: go.Figure, height: int = 320) -> go.Figure:
 
 
 def fvu_by_k(data: pd.DataFrame) -> go.Figure:
-    """FVU against k: one line per SAE and modality (log y)."""
+    """FVU against k: one line per SAE and modality (log y, k >= 1)."""
+    data = data[(data["k"] >= 1) & data["modality"].isin(["image", "text"])]
     data = data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
     fig = px.line(
         data.sort_values("k"),

@@ -54,11 +54,11 @@ def _sidebar_cache_caption(ref: CacheRef) -> None:
         data = loaders.manifest(ref)
     except (CacheError, OSError, ValueError):
         return
-    inputs = data.get("inputs", {})
-    sae = inputs.get("sae", {})
+    sae = data.get("inputs", {}).get("settings", {}).get("sae", {})
     st.sidebar.caption(
         f"model `{loaders.model_spec(ref)}` · corpus "
         f"`{loaders.corpus_spec(ref) or 'default'}` · "
+        f"{data.get('n_items', '?')} activations · "
         f"{sae.get('n_atoms', '?')} atoms, k = {sae.get('k', '?')}"
     )
 
@@ -82,7 +82,7 @@ def current_cache() -> CacheRef:
         loaders.manifest(ref)
     except (CacheError, OSError, ValueError) as error:
         st.error(str(error))
-        st.code(loaders.BUILD_COMMAND, language="bash")
+        st.code(loaders.rebuild_hint(ref), language="bash")
         st.stop()
     return ref
 
@@ -205,3 +205,11 @@ def item_picker(
     return st.selectbox(
         "Item", shown.index.tolist(), format_func=shown.get, key=f"{key}_row"
     )
+
+
+def selected_atom(event) -> int | None:
+    """The atom id a click on the chart selected, if any."""
+    picked = (event or {}).get("selection", {}).get("atom") or []
+    if not picked:
+        return None
+    return int(picked[0]["atom"])

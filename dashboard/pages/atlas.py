@@ -47,14 +47,6 @@ def _points_or_plain(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
     return atlas_points(ref, False)
 
 
-def selected_atom(event) -> int | None:
-    """The atom id a click on the chart selected, if any."""
-    picked = (event or {}).get("selection", {}).get("atom") or []
-    if not picked:
-        return None
-    return int(picked[0]["atom"])
-
-
 def render() -> None:
     st.title("Atlas")
     ref = widgets.current_cache()
@@ -80,7 +72,7 @@ def render() -> None:
             key="atlas_chart",
             width="stretch",
         )
-        atom = selected_atom(event)
+        atom = widgets.selected_atom(event)
         if atom is not None:
             st.switch_page(widgets.ATOMS_PAGE, query_params={"atom": str(atom)})
 

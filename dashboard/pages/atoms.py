@@ -66,9 +66,8 @@ def search_by_text(ref: CacheRef) -> None:
         return
     with st.spinner("Encoding the text with CLIP and the MP-SAE ..."):
         x_d = live.embed_texts(ref, [query.strip()])[0]
-        code = live.code_of(
-            ref, x_d, "mp", k=loaders.traces(ref, "mp").atoms_nk.shape[1]
-        )
+        k = loaders.traces(ref, "mp").atoms_nk.shape[1]
+        code = live.code_of(ref, x_d, "text", "mp", k)
     steps = live.step_table(ref, code, with_neighbors=False)
     st.caption(
         f"The MP-SAE picks {len(steps)} atoms for this text "

@@ -16,13 +16,10 @@ def show_modality_histogram(ref: CacheRef) -> None:
     scores = loaders.atoms(ref)["modality_score"]
     left, right = st.columns([3, 1])
     left.plotly_chart(plots.modality_histogram(scores), width="stretch")
-    figures = loaders.summary(ref)
-    for name in ("n_image_only", "n_text_only", "n_shared"):
-        if name in figures:
-            right.metric(
-                name.removeprefix("n_").replace("_", " ") + " atoms",
-                f"{figures[name]:,}",
-            )
+    kinds = loaders.summary(ref).get("mp", {}).get("atoms", {})
+    for name, count in kinds.items():
+        right.metric(f"{name.replace('_', '-')} atoms", f"{count:,}")
+    right.caption("image-only: modality score >= 0.95; text-only: <= 0.05")
 
 
 def show_shared(ref: CacheRef) -> None:

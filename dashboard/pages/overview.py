@@ -43,14 +43,16 @@ def show_settings(ref: CacheRef) -> None:
 
 def show_headline(ref: CacheRef) -> None:
     fvu = loaders.table(ref, "fvu_by_k")
-    top_k = fvu["k"].max()
+    fvu = fvu[fvu["modality"].isin(["image", "text"])]
+    top_k = int(fvu["k"].max())
     at_k = fvu[fvu["k"] == top_k].set_index(["sae", "modality"])["fvu"]
     atoms = loaders.atoms(ref)
     cells = st.columns(len(at_k) + 2)
     for cell, ((sae, modality), value) in zip(cells, at_k.items(), strict=False):
         cell.metric(
-            f"FVU {plots.SAE_NAMES.get(sae, sae)}, {modality}, k={top_k}",
+            f"FVU {plots.SAE_NAMES.get(sae, sae)} {modality}",
             f"{value:.3f}",
+            help=f"fraction of variance unexplained at k = {top_k}",
         )
     cells[-2].metric("atoms", f"{len(atoms):,}")
     cells[-1].metric(
@@ -59,6 +61,13 @@ def show_headline(ref: CacheRef) -> None:
         f"{atoms['dead'].mean():.1%} of all",
         delta_color="off",
     )
+    kinds = loaders.summary(ref).get("mp", {}).get("atoms", {})
+    if kinds:
+        st.caption(
+            "MP atoms: "
+            + " · ".join(f"{n:,} {name.replace('_', '-')}" for name, n in kinds.items())
+            + " (image-only: modality score >= 0.95, text-only: <= 0.05)"
+        )
 
 
 def show_summary(ref: CacheRef) -> None:
@@ -84,6 +93,13 @@ def show_orthogonality(ref: CacheRef) -> None:
     left.plotly_chart(plots.cosine_histograms(samples), width="stretch")
     for name, values in samples.items():
         right.metric(f"mean |cosine|, {name}", f"{np.abs(values).mean():.3f}")
+    mp = loaders.summary(ref).get("mp", {})
+    if "coselected_abs_cosine" in mp:
+        right.caption(
+            f"Build statistics: mean |cosine| {mp['coselected_abs_cosine']:.3f} "
+            f"between atoms of one code, {mp.get('random_abs_cosine', np.nan):.3f} "
+            "between random alive atoms."
+        )
     right.caption(
         f"{len(next(iter(samples.values()))):,} sampled pairs each. Matching "
         "pursuit removes the picked atom's direction from the residual, so the "
@@ -93,13 +109,17 @@ def show_orthogonality(ref: CacheRef) -> None:
 
 def show_hierarchy(ref: CacheRef) -> None:
     data = loaders.table(ref, "hierarchy")
+    if "modality" in data:
+        data = data[data["modality"] == "all"]
     if data.empty:
         st.info("The corpus has no hierarchy labels, so there is no agreement table.")
         return
-    wide = data.pivot_table(
-        index="step", columns=["sae", "level"], values="accuracy"
-    ).round(3)
-    wide.columns = [f"{plots.SAE_NAMES.get(s, s)} · {lv}" for s, lv in wide.columns]
+    values = ["accuracy", "chance"] if "chance" in data else ["accuracy"]
+    wide = data.pivot_table(index="step", columns=["sae", "level"], values=values)
+    wide.columns = [
+        f"{plots.SAE_NAMES.get(s, s)} · {lv} · {v}" for v, s, lv in wide.columns
+    ]
+    wide = wide[sorted(wide.columns)].round(3)
     left, right = st.columns([2, 3])
     left.dataframe(wide, width="stretch", height=360)
     right.plotly_chart(plots.hierarchy_lines(data), width="stretch")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import streamlit as st
 
@@ -11,14 +13,26 @@ from dashboard.loaders import CacheRef
 SOURCES = ("From the corpus", "Upload an image", "Type a text")
 
 
-def choose_input(ref: CacheRef) -> tuple[np.ndarray, int | None, str] | None:
-    """The input to trace: (embedding, its corpus row or None, a name)."""
+class Chosen(NamedTuple):
+    """The input to trace: embedding, its corpus row (or None), name, modality."""
+
+    x_d: np.ndarray
+    row: int | None
+    name: str
+    modality: str
+
+
+def choose_input(ref: CacheRef) -> Chosen | None:
+    """The input the user picked, uploaded or typed, embedded."""
     source = st.radio("Input", SOURCES, horizontal=True, key="trace_source")
     if source == SOURCES[0]:
         row = widgets.item_picker(ref, "trace_item")
         if row is None:
             return None
-        return loaders.acts(ref)[row], row, loaders.item_names(ref)[row]
+        modality = loaders.items(ref).loc[row, "modality"]
+        return Chosen(
+            loaders.acts(ref)[row], row, loaders.item_names(ref)[row], modality
+        )
     if source == SOURCES[1]:
         upload = st.file_uploader(
             "Image", type=widgets.UPLOAD_TYPES, key="trace_upload"
@@ -28,12 +42,13 @@ def choose_input(ref: CacheRef) -> tuple[np.ndarray, int | None, str] | None:
             return None
         st.image(image, width=160)
         with st.spinner("Encoding the image with CLIP ..."):
-            return live.embed_image(ref, image), None, upload.name
+            return Chosen(live.embed_image(ref, image), None, upload.name, "image")
     text = st.text_input("Text", key="trace_text", placeholder="a red apple")
     if not text.strip():
         return None
     with st.spinner("Encoding the text with CLIP ..."):
-        return live.embed_texts(ref, [text.strip()])[0], None, f'"{text.strip()}"'
+        x_d = live.embed_texts(ref, [text.strip()])[0]
+        return Chosen(x_d, None, f'"{text.strip()}"', "text")
 
 
 def sparsity_controls(ref: CacheRef) -> tuple[int, float | None]:
@@ -53,12 +68,14 @@ def sparsity_controls(ref: CacheRef) -> tuple[int, float | None]:
     return k, (threshold or None)
 
 
-def show_mp(ref: CacheRef, x_d, row, name: str, k: int, threshold) -> None:
-    code = live.code_of(ref, x_d, "mp", k, threshold)
-    steps = live.step_table(ref, code, exclude=row)
+def show_mp(ref: CacheRef, chosen: Chosen, k: int, threshold) -> None:
+    code = live.code_of(ref, chosen.x_d, chosen.modality, "mp", k, threshold)
+    steps = live.step_table(ref, code, exclude=chosen.row)
     final = code.fvu_k[code.n_steps - 1] if code.n_steps else 1.0
     st.markdown(f"**MP-SAE**: {code.n_steps} steps, FVU {final:.4f}")
-    st.plotly_chart(plots.trace_curves(steps, f"Pursuit of {name}"), width="stretch")
+    st.plotly_chart(
+        plots.trace_curves(steps, f"Pursuit of {chosen.name}"), width="stretch"
+    )
     st.dataframe(
         steps,
         hide_index=True,
@@ -71,8 +88,8 @@ def show_mp(ref: CacheRef, x_d, row, name: str, k: int, threshold) -> None:
     )
 
 
-def show_topk(ref: CacheRef, x_d, k: int) -> None:
-    code = live.code_of(ref, x_d, "topk", k)
+def show_topk(ref: CacheRef, chosen: Chosen, k: int) -> None:
+    code = live.code_of(ref, chosen.x_d, chosen.modality, "topk", k)
     steps = live.step_table(ref, code, with_neighbors=False)
     final = code.fvu_k[code.n_steps - 1] if code.n_steps else 1.0
     st.markdown(f"**TopK SAE**: {code.n_steps} atoms, FVU {final:.4f}")
@@ -89,15 +106,15 @@ def render() -> None:
     if chosen is None:
         st.info("Choose a corpus item, upload an image or type a text.")
         return
-    x_d, row, name = chosen
     k, threshold = sparsity_controls(ref)
     mp_col, topk_col = st.columns([3, 1])
     with mp_col, widgets.guard("Encoding with the MP-SAE"):
-        show_mp(ref, x_d, row, name, k, threshold)
+        show_mp(ref, chosen, k, threshold)
     with topk_col, widgets.guard("Encoding with the TopK SAE"):
-        show_topk(ref, x_d, k)
+        show_topk(ref, chosen, k)
     st.caption(
-        "FVU here is one input's |residual|² / |x - b|². Nearest items are "
+        "FVU here is one input's |residual|² / |x - m|², m the mean of its "
+        "modality, as in the cache. Nearest items are "
         "by cosine among all corpus activations (the input itself left out)."
     )
 
