@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 SAE_KINDS = ("mp", "topk")
 STAGES = ("activations", "train_mp", "train_topk", "encode", "stats")
 REPORT_KS = (8, 16, 32)
+CHECKPOINT_EVERY = 100
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,8 @@ class SAESettings:
         enough for the ~11k images and their captions of the default corpus.
     k : int
         Pursuit steps (MP) and active atoms (TopK).
-    epochs : float
-        Passes over the activations during training.
+    steps : int
+        Optimiser steps of each SAE's training.
     batch_size : int
         Activations per optimiser step.
     lr : float
@@ -90,7 +92,7 @@ class SAESettings:
 
     n_atoms: int = 2048
     k: int = 32
-    epochs: float = 4.0
+    steps: int = 600
     batch_size: int = 1024
     lr: float = 1e-3
     seed: int = 0
@@ -403,24 +405,35 @@ def _sae_size(ctx: _Context) -> tuple[int, int]:
 def _train(ctx: _Context, kind: str) -> tuple[list[str], dict]:
     """Train one SAE on ``acts.npy`` with the shared settings; save it and its log."""
     from backend.sae import SAEConfig, build_sae
-    from backend.training import TrainConfig, train
+    from backend.training import TrainConfig, train, write_metrics
 
     s = ctx.settings.sae
     n_atoms, k = _sae_size(ctx)
     acts_path = ctx.folder / "activations" / "acts.npy"
     acts_nd = np.load(acts_path, mmap_mode="r")
     sae = build_sae(SAEConfig(kind, acts_nd.shape[1], n_atoms, k, seed=s.seed))
-    config = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
-    result = train(sae, acts_path, config)
-    sae.save(ctx.folder / "sae" / kind)
-    metrics = pd.DataFrame(result.metrics)
-    with atomic_path(ctx.folder / "sae" / f"{kind}_metrics.csv") as tmp:
-        metrics.to_csv(tmp, index=False)
-    last = metrics.iloc[-1].to_dict() if len(metrics) else {}
-    return (
-        [*_sae_files(kind), f"sae/{kind}_metrics.csv"],
-        {"final": {k: float(v) for k, v in last.items()}},
+    config = TrainConfig(
+        steps=s.steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
+        log_every=max(1, min(50, s.steps // 10)),
+        checkpoint_every=CHECKPOINT_EVERY,
     )
+    # A killed build resumes training from the last checkpoint; the trainer
+    # makes a resumed run equal to an uninterrupted one.
+    checkpoint = ctx.folder / "sae" / f"{kind}_checkpoint"
+    result = train(sae, acts_path, config, checkpoint_dir=checkpoint)
+    sae.save(ctx.folder / "sae" / kind)
+    write_metrics(result.metrics, ctx.folder / "sae" / f"{kind}_metrics.csv")
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    last = result.metrics.iloc[-1].to_dict() if len(result.metrics) else {}
+    extra = {
+        "final": {name: float(value) for name, value in last.items()},
+        "resumed_from": result.resumed_from,
+        "resampled": result.resampled,
+    }
+    return [*_sae_files(kind), f"sae/{kind}_metrics.csv"], extra
 
 
 def _stage_encode(ctx: _Context) -> tuple[list[str], dict]:
@@ -470,7 +483,7 @@ def _encode_all(
             for name, (shape, dtype) in shapes.items()
         }
         for start in tqdm(range(0, n, batch), desc=f"encode {kind}", unit="block"):
-            x_nd = torch.from_numpy(np.asarray(acts_nd[start : start + batch]))
+            x_nd = torch.from_numpy(np.array(acts_nd[start : start + batch]))
             if kind == "mp":
                 result = fast_encode(sae, x_nd, threshold=threshold, dense=False)
             else:
@@ -668,10 +681,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         help="pursuit steps / TopK active atoms (default: %(default)s)",
     )
     parser.add_argument(
-        "--epochs",
-        type=float,
-        default=d.epochs,
-        help="training passes over the activations (default: %(default)s)",
+        "--steps",
+        type=int,
+        default=d.steps,
+        help="training steps of each SAE (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
@@ -724,7 +737,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
     sae = SAESettings(
         n_atoms=args.atoms,
         k=args.k,
-        epochs=args.epochs,
+        steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
