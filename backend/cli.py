@@ -14,6 +14,8 @@ import logging
 # Stage modules that contribute a subcommand, in the order --help lists them.
 COMMAND_MODULES: list[str] = [
     "backend.corpus_build",
+    "backend.miniclip",
+    "backend.evaluate",
     "backend.generator",
     "backend.edits",
     "backend.cache",
