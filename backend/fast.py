@@ -42,79 +42,110 @@ DEFAULT_BATCH_SIZE = 4096
 _GRAM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-@numba.njit(cache=True, inline="always")
-def _step_positive(c_m, g_m, coef):
-    """``c -= coef * g`` and the new ``argmax c`` in the same pass."""
-    best_j = 0
-    best_v = -np.inf
-    for q in range(c_m.shape[0]):
-        v = c_m[q] - coef * g_m[q]
-        c_m[q] = v
-        if v > best_v:
-            best_v = v
-            best_j = q
-    return best_j, best_v
+# Lanes of the running maximum: independent lanes let the compiler vectorise
+# the update-and-max pass; the winner's index is found by a second, short scan.
+LANES = 16
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _update_max_positive(c_m, g_m, coef):
+    """``c -= coef * g`` in place; return the new ``max c``."""
+    body = c_m.shape[0] - c_m.shape[0] % LANES
+    lanes = np.full(LANES, -np.inf, dtype=np.float32)
+    for start in range(0, body, LANES):
+        for lane in range(LANES):
+            v = c_m[start + lane] - coef * g_m[start + lane]
+            c_m[start + lane] = v
+            lanes[lane] = max(lanes[lane], v)
+    best = lanes.max()
+    for q in range(body, c_m.shape[0]):
+        c_m[q] = c_m[q] - coef * g_m[q]
+        best = max(best, c_m[q])
+    return best
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _update_max_absolute(c_m, g_m, coef):
+    """``c -= coef * g`` in place; return the new ``max |c|``."""
+    body = c_m.shape[0] - c_m.shape[0] % LANES
+    lanes = np.full(LANES, -np.inf, dtype=np.float32)
+    for start in range(0, body, LANES):
+        for lane in range(LANES):
+            v = c_m[start + lane] - coef * g_m[start + lane]
+            c_m[start + lane] = v
+            lanes[lane] = max(lanes[lane], abs(v))
+    best = lanes.max()
+    for q in range(body, c_m.shape[0]):
+        c_m[q] = c_m[q] - coef * g_m[q]
+        best = max(best, abs(c_m[q]))
+    return best
 
 
 @numba.njit(cache=True, inline="always")
-def _step_absolute(c_m, g_m, coef):
-    """``c -= coef * g`` and the new ``argmax |c|`` in the same pass."""
-    best_j = 0
-    best_v = -np.inf
+def _first_index(c_m, best, nonnegative):
+    """First ``q`` whose score (``c`` or ``|c|``) equals ``best``."""
     for q in range(c_m.shape[0]):
-        v = c_m[q] - coef * g_m[q]
-        c_m[q] = v
-        if abs(v) > best_v:
-            best_v = abs(v)
-            best_j = q
-    return best_j, best_v
+        if (c_m[q] if nonnegative else abs(c_m[q])) == best:
+            return q
+    return 0
 
 
-@numba.njit(cache=True)
-def _first_pick(c_m, nonnegative):
-    best_j = 0
-    best_v = -np.inf
+@numba.njit(cache=True, inline="always")
+def _first_max(c_m, nonnegative):
+    best = np.float32(-np.inf)
     for q in range(c_m.shape[0]):
-        v = c_m[q] if nonnegative else abs(c_m[q])
-        if v > best_v:
-            best_v = v
-            best_j = q
-    return best_j, best_v
+        best = max(best, c_m[q] if nonnegative else abs(c_m[q]))
+    return best
 
 
 @numba.njit(parallel=True, cache=True)
 def _gram_pursuit(
-    corr_nm, gram_mm, norm0_n, stop_n, k, nonnegative, atoms_nk, coefs_nk, norms_nk1
+    corr_nm,
+    gram_mm,
+    centred_nd,
+    atoms_md,
+    stop_n,
+    k,
+    nonnegative,
+    atoms_nk,
+    coefs_nk,
+    norms_nk1,
 ):
-    """Pursue every row of ``corr_nm`` (overwritten) for at most ``k`` steps.
+    """Pursue every input for at most ``k`` steps through the Gram matrix.
 
-    ``stop_n`` is the residual norm at or below which an input stops (``-1``
-    for no threshold). Fills ``atoms_nk`` (-1 after a stop), ``coefs_nk`` and
-    ``norms_nk1``.
+    ``corr_nm`` holds ``D (x - b)`` and is overwritten; ``centred_nd`` holds
+    ``x - b`` and becomes the residual. ``stop_n`` is the residual norm at or
+    below which an input stops (``-1`` for no threshold). Fills ``atoms_nk``
+    (-1 after a stop), ``coefs_nk`` and ``norms_nk1``.
     """
     n = corr_nm.shape[0]
     for i in numba.prange(n):
         c_m = corr_nm[i]
-        r2 = np.float64(norm0_n[i]) ** 2
-        norms_nk1[i, 0] = norm0_n[i]
-        best_j, best_v = _first_pick(c_m, nonnegative)
+        r2 = 0.0
+        for v in centred_nd[i]:
+            r2 += np.float64(v) * v
+        norms_nk1[i, 0] = math.sqrt(r2)
+        best = _first_max(c_m, nonnegative)
         for t in range(k):
             norm = math.sqrt(r2)
-            if norm <= stop_n[i] or not best_v > 0:
+            if norm <= stop_n[i] or not best > 0:
                 for s in range(t, k):
                     atoms_nk[i, s] = -1
                     coefs_nk[i, s] = 0.0
                     norms_nk1[i, s + 1] = norm
                 break
-            coef = c_m[best_j]
-            atoms_nk[i, t] = best_j
+            pick = _first_index(c_m, best, nonnegative)
+            coef = c_m[pick]
+            atoms_nk[i, t] = pick
             coefs_nk[i, t] = coef
             r2 = max(r2 - np.float64(coef) * coef, 0.0)
             norms_nk1[i, t + 1] = math.sqrt(r2)
+            for e in range(centred_nd.shape[1]):
+                centred_nd[i, e] -= coef * atoms_md[pick, e]
             if nonnegative:
-                best_j, best_v = _step_positive(c_m, gram_mm[best_j], coef)
+                best = _update_max_positive(c_m, gram_mm[pick], coef)
             else:
-                best_j, best_v = _step_absolute(c_m, gram_mm[best_j], coef)
+                best = _update_max_absolute(c_m, gram_mm[pick], coef)
 
 
 def gram_bytes(n_atoms: int) -> int:
@@ -152,25 +183,28 @@ def _gram_fits(sae: SparseAutoencoder, max_gram_bytes: int) -> bool:
 
 def _trace_block(
     sae: SparseAutoencoder, x_nd: Tensor, k: int, threshold: float | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gram pursuit of one block: ``atoms_nk``, ``coefs_nk``, ``norms_nk1``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gram pursuit of one block: ``atoms_nk``, ``coefs_nk``, ``norms_nk1``,
+    ``residual_nd``."""
     with torch.no_grad():
-        centred_nd = x_nd.float() - sae.bias_d.detach().float().cpu()
-        atoms_md = sae.atoms_md.detach().float().cpu()
+        atoms_md = sae.atoms_md.detach().float().cpu().contiguous()
+        centred_nd = (x_nd.float() - sae.bias_d.detach().float().cpu()).contiguous()
         corr_nm = (centred_nd @ atoms_md.T).numpy()
-        norm0_n = centred_nd.norm(dim=-1).numpy()
-    stop_n = (
-        (threshold * norm0_n) if threshold is not None else np.full_like(norm0_n, -1)
-    )
     n = x_nd.shape[0]
+    if threshold is None:
+        stop_n = np.full(n, -1.0, dtype=np.float32)
+    else:
+        stop_n = threshold * centred_nd.norm(dim=-1).numpy()
     atoms_nk = np.empty((n, k), dtype=np.int64)
     coefs_nk = np.empty((n, k), dtype=np.float32)
     norms_nk1 = np.empty((n, k + 1), dtype=np.float32)
+    residual_nd = centred_nd.numpy()
     _gram_pursuit(
         corr_nm,
         gram_matrix(sae),
-        norm0_n,
-        stop_n.astype(np.float32),
+        residual_nd,
+        atoms_md.numpy(),
+        stop_n,
         k,
         sae.config.nonnegative,
         atoms_nk,
@@ -181,17 +215,8 @@ def _trace_block(
         torch.from_numpy(atoms_nk),
         torch.from_numpy(coefs_nk),
         torch.from_numpy(norms_nk1),
+        torch.from_numpy(residual_nd),
     )
-
-
-def _residual(
-    sae: SparseAutoencoder, x_nd: Tensor, atoms_nk: Tensor, coefs_nk: Tensor
-) -> Tensor:
-    """``x - b - sum_t coef_t D[j_t]`` from the trace, without dense codes."""
-    atoms_md = sae.atoms_md.detach().float().cpu()
-    picked_nkd = atoms_md[atoms_nk.clamp(min=0)]
-    recon_nd = torch.einsum("nk,nkd->nd", coefs_nk, picked_nkd)
-    return x_nd.float() - sae.bias_d.detach().float().cpu() - recon_nd
 
 
 def _concat(parts: list[EncodeResult], dense: bool) -> EncodeResult:
@@ -246,8 +271,7 @@ def _encode_block(
     if not use_gram:
         result = sae.encode(x_nd, k, threshold)
         return result if dense else result._replace(codes=None)
-    atoms_nk, coefs_nk, norms_nk1 = _trace_block(sae, x_nd, k, threshold)
-    residual_nd = _residual(sae, x_nd, atoms_nk, coefs_nk)
+    atoms_nk, coefs_nk, norms_nk1, residual_nd = _trace_block(sae, x_nd, k, threshold)
     codes_nm = codes_from_trace(atoms_nk, coefs_nk, sae.n_atoms) if dense else None
     return EncodeResult(codes_nm, residual_nd, atoms_nk, coefs_nk, norms_nk1)
 
@@ -264,5 +288,5 @@ def pick_atoms(
             return plain_pursuit(
                 x_nd, sae.atoms_md, sae.bias_d, k, None, sae.config.nonnegative
             ).atoms
-        atoms_nk, _, _ = _trace_block(sae, x_nd, k, None)
+        atoms_nk = _trace_block(sae, x_nd, k, None)[0]
     return atoms_nk.to(x_nd.device)

@@ -189,25 +189,23 @@ def regather_pursuit(
     Gives exactly the values and gradients of the unrolled pursuit that made
     the picks (the argmax has no gradient), at ``O(n * k * d)`` instead of
     ``O(n * k * n_atoms * d)``. ``atoms_nk`` is ``-1`` after a stop.
-    Returns no dense codes.
+    Returns no dense codes; the residual norms (without gradient) follow from
+    ``|r_t+1|^2 = |r_t|^2 - c_t^2``.
     """
     residual_nd = x_nd - bias_d
-    norms = [residual_nd.norm(dim=-1)]
+    norm0_n = residual_nd.detach().norm(dim=-1)
     coefs = []
     for t in range(atoms_nk.shape[1]):
         pick_n = atoms_nk[:, t]
         atom_nd = atoms_md[pick_n.clamp(min=0)]
         coef_n = (residual_nd * atom_nd).sum(-1) * (pick_n >= 0)
         residual_nd = residual_nd - coef_n[:, None] * atom_nd
-        norms.append(residual_nd.norm(dim=-1))
         coefs.append(coef_n)
-    return EncodeResult(
-        None,
-        residual_nd,
-        atoms_nk,
-        torch.stack(coefs, dim=1),
-        torch.stack(norms, dim=1),
-    )
+    coefficients_nk = torch.stack(coefs, dim=1)
+    drops_nk = coefficients_nk.detach().pow(2).cumsum(dim=1)
+    norms_nk = (norm0_n[:, None].pow(2) - drops_nk).clamp(min=0).sqrt()
+    norms_nk1 = torch.cat([norm0_n[:, None], norms_nk], dim=1)
+    return EncodeResult(None, residual_nd, atoms_nk, coefficients_nk, norms_nk1)
 
 
 class SparseAutoencoder(nn.Module):
