@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +64,7 @@ IMAGE_SUFFIXES = (
 )
 
 _WHITE = (255, 255, 255)
+_PIXEL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageSkipped(ValueError):
@@ -163,6 +167,26 @@ class ImageReport:
         return "\n".join(lines)
 
 
+@contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Raise Pillow's own bomb guard (2 x MAX_IMAGE_PIXELS) to ``max_pixels``.
+
+    Only needed when a caller allows more pixels than Pillow does (the corpus
+    builder on trusted package files); the explicit check in ``_open_header``
+    stays in force either way.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or max_pixels <= 2 * limit:
+        yield
+        return
+    with _PIXEL_LIMIT_LOCK:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _open_header(path: Path, max_pixels: int) -> Image.Image:
     """Open lazily (header only) and apply the size and emptiness guards."""
     try:
@@ -173,7 +197,7 @@ def _open_header(path: Path, max_pixels: int) -> Image.Image:
         raise ImageSkipped(path, "empty")
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_pixel_limit(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except Image.DecompressionBombError as err:
@@ -265,6 +289,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _guarded(path: Path, step, image: Image.Image):
+    """Run ``step(image)``; a decoding error on the way becomes a skip."""
+    try:
+        return step(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageSkipped(path, "truncated or corrupt", str(err)) from err
+
+
 def check_image(
     path: str | os.PathLike,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -278,14 +310,13 @@ def check_image(
     """
     path = Path(path)
     with _open_header(path, max_pixels) as image:
-        kinds = conversion_kinds(image)
         try:
-            image.verify()
+            image.verify()  # must come first after open
         except Exception as err:  # verify() raises many types on bad data
             raise ImageSkipped(path, "truncated or corrupt", str(err)) from err
-    width, height = image.size
-    if width * height <= full_check_pixels:
-        with _open_header(path, max_pixels) as image:
+    with _open_header(path, max_pixels) as image:
+        kinds = _guarded(path, conversion_kinds, image)
+        if image.width * image.height <= full_check_pixels:
             _decode(path, image)
     return kinds
 
@@ -314,10 +345,9 @@ def open_rgb(
     path = Path(path)
     try:
         with _open_header(path, max_pixels) as image:
-            kinds = conversion_kinds(image)
+            kinds = _guarded(path, conversion_kinds, image)
             _decode(path, image)
-            rgb = to_rgb(image)
-            rgb.load()
+            rgb = _guarded(path, to_rgb, image)
     except ImageSkipped as skip:
         if report is None:
             raise
