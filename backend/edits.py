@@ -12,8 +12,8 @@ methods, each a typed config:
     templates and normalises the mean. ``alpha = 0`` returns ``e``.
 
 :class:`ClipGuided`
-    Gradient descent on ``e'`` (parametrised as ``normalise(v)``, ``v``
-    starting at ``e`` plus seeded jitter) of
+    Gradient descent (SGD with momentum) on ``e'``, parametrised as
+    ``normalise(v)`` with ``v`` starting at ``e`` plus seeded jitter, of
 
         - target_weight    * cos(e', T(target))
         + keep_weight      * (1 - cos(e', e))
@@ -110,9 +110,11 @@ class ClipGuided:
         Weight of ``1 - cos(I(G(e')), T(target))`` through the generator and
         the frozen image tower; needs both (0 = off).
     steps:
-        Adam steps.
+        Gradient steps (SGD with momentum 0.9).
     lr:
-        Adam learning rate on ``v``.
+        Learning rate on ``v``. Plain SGD rather than Adam: Adam rescales
+        even round-off gradients to full-size steps, so an edit with nothing
+        pulling it would still wander.
     jitter:
         Norm of the seeded Gaussian start offset of ``v``.
     templates:
@@ -126,7 +128,7 @@ class ClipGuided:
     direction_weight: float = 4.0
     picture_weight: float = 0.0
     steps: int = 60
-    lr: float = 0.02
+    lr: float = 0.1
     jitter: float = 0.01
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     seed: int = 0
@@ -232,7 +234,7 @@ def clip_guided(
     seed_gen = torch.Generator().manual_seed(config.seed)
     jitter = torch.randn(e_nd.shape, generator=seed_gen) / e_nd.shape[1] ** 0.5
     v_nd = (e_nd + config.jitter * jitter).clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([v_nd], lr=config.lr)
+    optimiser = torch.optim.SGD([v_nd], lr=config.lr, momentum=0.9)
     for _ in range(config.steps):
         loss = _clip_guided_loss(
             F.normalize(v_nd, dim=-1),

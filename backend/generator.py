@@ -650,6 +650,12 @@ def add_command(subparsers) -> None:
     train.add_argument(
         "--limit", type=int, default=None, help="use only the first N train images"
     )
+    train.add_argument(
+        "--test-limit",
+        type=int,
+        default=None,
+        help="evaluate on the first N test images only",
+    )
     train.set_defaults(func=_cmd_train)
     evaluate = sub.add_parser(
         "evaluate",
@@ -693,7 +699,7 @@ def _cmd_train(args) -> int:
     torch.set_num_threads(config.threads)
     encoder, corpus = _load_model_and_corpus(args)
     train = prepare_pictures(encoder, corpus, "train", config.image_size, args.limit)
-    test = prepare_pictures(encoder, corpus, "test", config.image_size)
+    test = prepare_pictures(encoder, corpus, "test", config.image_size, args.test_limit)
     result = train_generator(encoder, train, config)
     mean_picture = train.pixels_n3hw.float().mean(0) / 255
     report = evaluate_generator(result.generator, encoder, test, mean_picture)
