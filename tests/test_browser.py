@@ -70,10 +70,10 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_cache_root):
+def app_url(tiny_cache):
     """A running ``streamlit run streamlit_app.py`` on a free local port."""
     port = _free_port()
-    env = dict(os.environ, ATLAS_CACHE_ROOT=str(tiny_cache_root))
+    env = dict(os.environ, ATLAS_CACHE_ROOT=str(Path(tiny_cache).parent))
     env.setdefault("OMP_NUM_THREADS", "1")
     log = open(SCREENSHOTS.parent / "streamlit-browser-test.log", "w")  # noqa: SIM115
     command = [

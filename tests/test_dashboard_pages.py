@@ -1,0 +1,303 @@
+"""AppTest drives every dashboard page against the tiny real fixture cache.
+
+Each test runs the real router (``streamlit_app.py``), switches to a page,
+works its widgets and checks what the page shows against the cache files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "streamlit_app.py")
+TIMEOUT = 120
+
+
+@pytest.fixture
+def cache_env(tiny_cache, monkeypatch):
+    """Point the dashboard at the fixture cache's root; return the cache folder."""
+    monkeypatch.setenv("ATLAS_CACHE_ROOT", str(Path(tiny_cache).parent))
+    return Path(tiny_cache)
+
+
+def open_page(page: str | None = None, **query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(query)
+    at.run()
+    if page:
+        at.switch_page(f"dashboard/pages/{page}.py")
+        at.run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception element and no error message on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for e in at.markdown] + [e.value for e in at.caption]
+    parts += [e.value for e in at.header] + [e.value for e in at.title]
+    return "\n".join(str(p) for p in parts)
+
+
+def link_labels(at: AppTest) -> list[str]:
+    return [link.proto.label for link in at.get("page_link")]
+
+
+# ---------------------------------------------------------------- no cache
+
+
+def test_missing_cache_shows_the_build_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_CACHE_ROOT", str(tmp_path / "empty"))
+    for page in (None, "atoms", "crossmodal", "traces", "atlas"):
+        at = open_page(page)
+        assert not at.exception
+        assert "No built cache" in at.warning[0].value
+        assert "python -m backend build" in at.code[0].value
+
+
+def test_incompatible_cache_says_how_to_rebuild(cache_env, tmp_path, monkeypatch):
+    copy = tmp_path / "root" / cache_env.name
+    shutil.copytree(cache_env, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema_version"] = 999
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("ATLAS_CACHE_ROOT", str(tmp_path / "root"))
+    at = open_page()
+    assert not at.exception
+    assert "schema version 999" in at.error[0].value
+    assert "python -m backend build" in at.code[0].value
+
+
+# ---------------------------------------------------------------- overview
+
+
+def test_overview_shows_settings_curves_and_hierarchy(cache_env):
+    at = open_page()
+    assert_clean(at)
+    assert at.title[0].value == "Overview"
+    assert at.sidebar.selectbox[0].value == cache_env.name
+    fvu = pd.read_parquet(cache_env / "stats/fvu_by_k.parquet")
+    fvu = fvu[fvu["modality"].isin(["image", "text"])]
+    top = fvu[fvu["k"] == fvu["k"].max()]
+    shown = {m.label: m.value for m in at.metric}
+    for row in top.itertuples():
+        label = next(
+            lbl
+            for lbl in shown
+            if row.modality in lbl
+            and ("TopK" in lbl) == (row.sae == "topk")
+            and "FVU" in lbl
+        )
+        assert shown[label] == f"{row.fvu:.3f}"
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
+    assert shown["dead atoms"] == f"{int(atoms['dead'].sum()):,}"
+    assert len(at.get("plotly_chart")) >= 4
+
+
+def test_overview_pair_cosines_are_real_atom_cosines(cache_env):
+    from dashboard import analysis, loaders
+
+    ref = loaders.list_caches(cache_env.parent)[0]
+    samples = analysis.pair_cosines(ref, n_pairs=500)
+    assert set(samples) == {"picked one after the other", "random pairs"}
+    for values in samples.values():
+        assert values.size > 0
+        assert np.all(np.abs(values) <= 1 + 1e-5)
+
+
+# ---------------------------------------------------------------- atoms
+
+
+def test_atom_url_parameter_opens_that_atom(cache_env):
+    at = open_page("atoms", atom="3")
+    assert_clean(at)
+    assert at.header[0].value.startswith("Atom #3")
+    assert at.number_input[0].value == 3
+
+
+def test_atom_id_input_updates_the_url(cache_env):
+    at = open_page("atoms", atom="1")
+    at.number_input[0].set_value(2).run()
+    assert_clean(at)
+    assert at.query_params["atom"] == "2"
+    assert at.header[0].value.startswith("Atom #2")
+
+
+def test_atom_page_lists_top_items_and_related_atoms(cache_env):
+    tops = pd.read_parquet(cache_env / "stats/top_items.parquet")
+    items = pd.read_parquet(cache_env / "activations/items.parquet")
+    atom = int(tops[tops["modality"] == "text"]["atom"].iloc[0])
+    at = open_page("atoms", atom=str(atom))
+    assert_clean(at)
+    expected = tops[(tops["atom"] == atom) & (tops["modality"] == "text")]
+    shown = at.dataframe[0].value
+    want = items.set_index("row").loc[expected.sort_values("rank")["row"], "text"]
+    assert shown["text"].tolist() == want.tolist()[: len(shown)]
+    neighbors = pd.read_parquet(cache_env / "stats/neighbors.parquet")
+    nearest = neighbors[neighbors["atom"] == atom].sort_values("rank")
+    labels = link_labels(at)
+    assert any(lbl.startswith(f"#{nearest['neighbor'].iloc[0]} ") for lbl in labels)
+    assert len(at.get("plotly_chart")) == 3
+
+
+def test_unknown_atom_and_bad_parameter_are_explained(cache_env):
+    at = open_page("atoms", atom="99999999")
+    assert not at.exception
+    assert "There is no atom 99999999" in at.error[0].value
+    at = open_page("atoms", atom="abc")
+    assert not at.exception
+    assert "not a number" in at.warning[0].value
+
+
+def test_label_search_links_matching_atoms(cache_env):
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
+    live = atoms[~atoms["dead"] & (atoms["label"].str.len() > 2)]
+    label = str(live.sort_values("frequency").iloc[-1]["label"])
+    at = open_page("atoms")
+    at.text_input(key="label_query").set_value(label).run()
+    assert_clean(at)
+    matching = atoms[
+        atoms["label"].str.lower().str.contains(label.lower(), regex=False)
+    ]
+    labels = link_labels(at)
+    assert any(lbl.startswith(f"#{matching['atom'].iloc[0]} ") for lbl in labels)
+
+
+def test_free_text_search_lists_the_atoms_the_pursuit_picks(cache_env):
+    at = open_page("atoms")
+    at.text_input(key="text_query").set_value("a red heart").run()
+    assert_clean(at)
+    picked = [lbl for lbl in link_labels(at) if "step 1," in lbl]
+    assert len(picked) == 1
+    assert "The MP-SAE picks" in texts(at)
+
+
+# ---------------------------------------------------------------- cross-modal
+
+
+def test_crossmodal_page_and_its_widgets(cache_env):
+    at = open_page("crossmodal")
+    assert_clean(at)
+    at.slider(key="band").set_value((0.0, 1.0)).run()
+    at.slider(key="min_bridge").set_value(0.0).run()
+    assert_clean(at)
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
+    live = atoms[~atoms["dead"] & atoms["modality_score"].between(0, 1)]
+    assert f"{len(live):,} shared atoms" in texts(at)
+    assert any("cosine" in m for m in texts(at).splitlines())
+
+
+def test_cosine_attribution_sums_to_the_cosine(cache_env):
+    from dashboard import analysis, loaders
+
+    ref = loaders.list_caches(cache_env.parent)[0]
+    items = pd.read_parquet(cache_env / "activations/items.parquet")
+    text = items[items["modality"] == "text"].iloc[0]
+    table = analysis.cosine_attribution(ref, int(text["pair_row"]), int(text["row"]))
+    acts = np.load(cache_env / "activations/acts.npy")
+    cosine = float(acts[int(text["pair_row"])] @ acts[int(text["row"])])
+    assert table["adds to cosine"].sum() == pytest.approx(cosine, abs=1e-5)
+    shared = table[table["atom"] >= 0]
+    assert np.allclose(
+        shared["adds to cosine"],
+        shared["image coefficient"] * shared["text coefficient"],
+    )
+
+
+# ---------------------------------------------------------------- traces
+
+
+def _trace_table(at: AppTest) -> pd.DataFrame:
+    return next(df.value for df in at.dataframe if "residual norm" in df.value)
+
+
+def test_trace_of_a_corpus_item_matches_the_stored_code(cache_env):
+    at = open_page("traces")
+    assert_clean(at)
+    row = at.selectbox(key="trace_item_row").value
+    steps = _trace_table(at)
+    stored_atoms = np.load(cache_env / "codes/mp_atoms.npy")[row]
+    stored_fvu = float(np.load(cache_env / "codes/mp_fvu.npy")[row])
+    n = int((stored_atoms >= 0).sum())
+    assert steps["atom"].tolist() == stored_atoms[:n].tolist()
+    assert np.all(np.diff(steps["residual norm"]) <= 1e-5)
+    assert steps["cumulative FVU"].iloc[-1] == pytest.approx(stored_fvu, abs=1e-3)
+    assert {"nearest to reconstruction", "nearest to residual"} <= set(steps)
+
+
+def _start_norm(cache: Path, row: int) -> float:
+    """|x - b| for an activation row: where the threshold is measured from."""
+    from backend.sae import load_sae
+
+    bias_d = load_sae(cache / "sae/mp").bias_d.detach().numpy()
+    return float(np.linalg.norm(np.load(cache / "activations/acts.npy")[row] - bias_d))
+
+
+def test_trace_sliders_re_encode_live(cache_env):
+    at = open_page("traces")
+    at.slider(key="trace_k").set_value(3).run()
+    assert_clean(at)
+    assert len(_trace_table(at)) <= 3
+    topk = next(df.value for df in at.dataframe if "residual norm" not in df.value)
+    assert len(topk) == 3
+    at.slider(key="trace_k").set_value(16)
+    at.slider(key="trace_threshold").set_value(0.8)
+    at.run()
+    assert_clean(at)
+    steps = _trace_table(at)
+    start = _start_norm(cache_env, at.selectbox(key="trace_item_row").value)
+    # Stops at the first step whose residual is below the threshold.
+    assert steps["residual norm"].iloc[-1] <= 0.8 * start + 1e-5
+    if len(steps) > 1:
+        assert steps["residual norm"].iloc[-2] > 0.8 * start - 1e-5
+
+
+def test_trace_of_a_typed_text(cache_env):
+    at = open_page("traces")
+    at.radio(key="trace_source").set_value("Type a text").run()
+    at.text_input(key="trace_text").set_value("a yellow star").run()
+    assert_clean(at)
+    assert len(_trace_table(at)) >= 1
+
+
+def test_upload_check_rejects_what_is_not_an_image():
+    from backend.images import ImageSkipped
+    from dashboard.widgets import decode_image
+
+    with pytest.raises(ImageSkipped) as error:
+        decode_image(b"certainly not a picture", ".png")
+    assert error.value.reason == "not an image"
+
+
+# ---------------------------------------------------------------- atlas
+
+
+def test_atlas_renders_in_every_colouring(cache_env):
+    at = open_page("atlas")
+    assert_clean(at)
+    from dashboard.plots import ATLAS_COLOR_TITLES
+
+    for color in ATLAS_COLOR_TITLES:
+        at.selectbox(key="atlas_color").set_value(color).run()
+        assert_clean(at)
+        assert at.get("vega_lite_chart")
+    at.toggle(key="atlas_thumbnails").set_value(False).run()
+    assert_clean(at)
+
+
+def test_atlas_click_selection_names_the_atom():
+    from dashboard.widgets import selected_atom
+
+    assert selected_atom({"selection": {"atom": [{"atom": 17}]}}) == 17
+    assert selected_atom({"selection": {"atom": []}}) is None
+    assert selected_atom(None) is None
