@@ -28,8 +28,8 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,7 +423,8 @@ def _train(ctx: _Context, kind: str) -> tuple[list[str], dict]:
     # A killed build resumes training from the last checkpoint; the trainer
     # makes a resumed run equal to an uninterrupted one.
     checkpoint = ctx.folder / "sae" / f"{kind}_checkpoint"
-    result = train(sae, acts_path, config, checkpoint_dir=checkpoint)
+    with _deterministic_torch():
+        result = train(sae, acts_path, config, checkpoint_dir=checkpoint)
     sae.save(ctx.folder / "sae" / kind)
     write_metrics(result.metrics, ctx.folder / "sae" / f"{kind}_metrics.csv")
     shutil.rmtree(checkpoint, ignore_errors=True)
@@ -434,6 +435,21 @@ def _train(ctx: _Context, kind: str) -> tuple[list[str], dict]:
         "resampled": result.resampled,
     }
     return [*_sae_files(kind), f"sae/{kind}_metrics.csv"], extra
+
+
+@contextmanager
+def _deterministic_torch() -> Iterator[None]:
+    """Deterministic kernels while training, so a rebuild gives the same bits.
+
+    Without it the TopK backward (a scatter-add into the dictionary) sums in
+    a thread-dependent order on the CPU, and two runs drift apart by ~1e-8.
+    """
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _stage_encode(ctx: _Context) -> tuple[list[str], dict]:

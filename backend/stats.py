@@ -797,6 +797,7 @@ def atom_map(atoms_md: np.ndarray, config: StatsConfig = StatsConfig()) -> np.nd
         metric="cosine",
         min_dist=0.1,
         random_state=config.seed,
+        n_jobs=1,  # a seeded UMAP runs on one thread anyway
     )
     return reducer.fit_transform(atoms_md).astype(np.float32)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from backend import REPO_ROOT, cache
 from backend.build import STAGES, build_cache
@@ -43,7 +44,7 @@ DOC_FILES = [
 
 def test_tiny_build_has_every_file_and_consistent_shapes(tiny_cache):
     manifest = cache.open_cache(tiny_cache)
-    assert manifest["complete"] and list(manifest["stages"]) == list(STAGES)
+    assert manifest["complete"] and set(manifest["stages"]) == set(STAGES)
     for rel in DOC_FILES:
         assert (tiny_cache / rel).is_file(), rel
         assert rel in manifest["checksums"] or rel.startswith("sae/")
@@ -74,7 +75,7 @@ def test_tiny_build_figures_are_real(tiny_cache):
     items = pd.read_parquet(tiny_cache / "activations" / "items.parquet")
     acts = np.load(tiny_cache / "activations" / "acts.npy")
     sae = load_sae(tiny_cache / "sae" / "mp")
-    result = sae.encode(acts)
+    result = sae.encode(np.array(acts))
     stored = np.load(tiny_cache / "codes" / "mp_atoms.npy")
     agree = (result.atoms.numpy() == stored).mean()
     assert agree > 0.99
@@ -83,7 +84,7 @@ def test_tiny_build_figures_are_real(tiny_cache):
     mp = fvu.query("sae == 'mp' and modality == 'image'").set_index("k").fvu
     image = (items.modality == "image").to_numpy()
     x = acts[image]
-    recon = sae.decode(result.codes[image]).detach().numpy()
+    recon = sae.decode(result.codes[torch.from_numpy(image)]).detach().numpy()
     want = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert mp[TINY_SETTINGS.sae.k] == pytest.approx(want, rel=1e-3)
     assert (np.diff(mp.to_numpy()) <= 1e-6).all()  # MP residual never grows
@@ -160,7 +161,16 @@ def test_killed_build_resumes_to_the_same_result(tiny_cache, tmp_path, tiny_mode
     build_cache(
         model=tiny_model, settings=TINY_SETTINGS, cache_root=tmp_path, limit=TINY_IMAGES
     )
-    resumed = cache.open_cache(folder)
-    original = cache.open_cache(tiny_cache)
-    assert resumed["checksums"] == original["checksums"]
+    resumed = cache.open_cache(folder)["checksums"]
+    original = cache.open_cache(tiny_cache)["checksums"]
+    # The training logs hold wall-clock seconds; everything else is bit-equal.
+    logs = [rel for rel in original if rel.endswith("_metrics.csv")]
+    assert {r: resumed[r] for r in resumed if r not in logs} == {
+        r: original[r] for r in original if r not in logs
+    }
+    for rel in logs:
+        pd.testing.assert_frame_equal(
+            pd.read_csv(folder / rel).drop(columns="seconds"),
+            pd.read_csv(tiny_cache / rel).drop(columns="seconds"),
+        )
     assert not (folder / "activations" / "chunks").exists()
