@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "backend.evaluate",
     "backend.generator",
     "backend.edits",
+    "backend.build",
     "backend.cache",
 ]
 
