@@ -160,6 +160,19 @@ def step_table(
     return steps
 
 
+def curve(code: Code) -> pd.DataFrame:
+    """Residual norm and FVU from step 0 (nothing picked) to the last step."""
+    n = code.n_steps
+    norms = code.residual_norms_k1[: n + 1]
+    return pd.DataFrame(
+        {
+            "step": np.arange(n + 1),
+            "residual norm": norms,
+            "cumulative FVU": norms**2 / max(code.energy, 1e-12),
+        }
+    )
+
+
 def stored_code(ref: CacheRef, row: int, kind: str = "mp") -> pd.DataFrame:
     """The trace the build stored for one activation row, as a table."""
     trace = loaders.traces(ref, kind)

@@ -61,9 +61,17 @@ def l0_distribution(data: pd.DataFrame) -> go.Figure:
 def cosine_histograms(samples: dict[str, np.ndarray]) -> go.Figure:
     """Overlaid histograms of cosines, one per named sample (probability)."""
     fig = go.Figure()
-    for name, values in samples.items():
+    colors = ["#d62728", "#7f7f7f", "#1f77b4"]
+    for (name, values), color in zip(samples.items(), colors, strict=False):
         fig.add_trace(
-            go.Histogram(x=values, name=name, histnorm="probability", opacity=0.6)
+            go.Histogram(
+                x=values,
+                name=name,
+                histnorm="probability",
+                opacity=0.55,
+                marker_color=color,
+                xbins=dict(start=-1, end=1, size=0.025),
+            )
         )
     fig.update_layout(
         barmode="overlay",
@@ -162,28 +170,40 @@ def modality_gap(points: pd.DataFrame, gap: float | None) -> go.Figure:
     return _compact(fig, height=420)
 
 
-def trace_curves(steps: pd.DataFrame, title: str) -> go.Figure:
-    """Residual norm and cumulative FVU along one pursuit."""
+def trace_curves(curves: dict[str, pd.DataFrame], title: str) -> go.Figure:
+    """Residual norm and FVU along each named pursuit, from step 0.
+
+    ``curves`` maps a name (e.g. the SAE) to a frame with columns step,
+    residual norm and cumulative FVU; FVU goes on the right axis, dotted.
+    """
     fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(x=steps["step"], y=steps["residual norm"], name="residual norm")
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=steps["step"],
-            y=steps["cumulative FVU"],
-            name="cumulative FVU",
-            yaxis="y2",
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c"]
+    for (name, steps), color in zip(curves.items(), colors, strict=False):
+        fig.add_trace(
+            go.Scatter(
+                x=steps["step"],
+                y=steps["residual norm"],
+                name=f"{name}: residual norm",
+                line=dict(color=color),
+            )
         )
-    )
+        fig.add_trace(
+            go.Scatter(
+                x=steps["step"],
+                y=steps["cumulative FVU"],
+                name=f"{name}: FVU",
+                yaxis="y2",
+                line=dict(color=color, dash="dot"),
+            )
+        )
     fig.update_layout(
         title=title,
-        xaxis_title="step",
+        xaxis_title="step (TopK: atoms added by decreasing coefficient)",
         yaxis=dict(title="residual norm", rangemode="tozero"),
         yaxis2=dict(title="FVU", overlaying="y", side="right", rangemode="tozero"),
-        legend=dict(orientation="h", y=-0.25),
+        legend=dict(orientation="h", y=-0.3),
     )
-    return _compact(fig, height=300)
+    return _compact(fig, height=340)
 
 
 ATLAS_COLOR_TITLES = {
@@ -229,8 +249,8 @@ def atlas_chart(points: pd.DataFrame, color: str) -> alt.Chart:
         alt.Chart(points)
         .mark_circle(size=40)
         .encode(
-            x=alt.X("umap_x:Q", axis=None),
-            y=alt.Y("umap_y:Q", axis=None),
+            x=alt.X("umap_x:Q", axis=None, scale=alt.Scale(zero=False)),
+            y=alt.Y("umap_y:Q", axis=None, scale=alt.Scale(zero=False)),
             color=encoding,
             opacity=alt.condition(select, alt.value(0.85), alt.value(0.3)),
             tooltip=[

@@ -114,7 +114,7 @@ def image_grid(
 ) -> None:
     """Images in a grid of ``columns`` with one caption each."""
     if not images:
-        st.caption("none")
+        st.caption("no image in the corpus fires this")
         return
     for start in range(0, len(images), columns):
         cells = st.columns(columns)

@@ -193,9 +193,7 @@ def show_relations(ref: CacheRef, atom: int) -> None:
     ):
         counts = _partners(series, atom)
         with column:
-            _link_list(
-                title, counts.index.to_numpy(), [f"{n:,} times" for n in counts], ref
-            )
+            _link_list(title, counts.index.to_numpy(), [f"{n:,}×" for n in counts], ref)
 
 
 def _partners(series: pd.Series, atom: int) -> pd.Series:

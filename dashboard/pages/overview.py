@@ -9,16 +9,20 @@ import streamlit as st
 from dashboard import analysis, loaders, plots, widgets
 from dashboard.loaders import CacheRef
 
+HIDDEN_SETTINGS = ("model.card.details", "model.card.preprocess")
+
 
 def settings_table(data: dict) -> pd.DataFrame:
-    """The manifest's inputs flattened to (setting, value) rows."""
-    rows = []
-    for part, value in data.get("inputs", {}).items():
-        if isinstance(value, dict):
-            rows += [(f"{part}.{key}", str(item)) for key, item in value.items()]
-        else:
-            rows.append((part, str(value)))
-    return pd.DataFrame(rows, columns=["setting", "value"])
+    """The manifest's inputs flattened to (setting, value) rows.
+
+    Nested settings get dotted names; the model card's architecture details
+    and preprocessing numbers are left out (they are in manifest.json).
+    """
+    flat = pd.json_normalize(data.get("inputs", {}), sep=".").iloc[0]
+    keep = [name for name in flat.index if not name.startswith(HIDDEN_SETTINGS)]
+    return pd.DataFrame(
+        {"setting": keep, "value": [_readable(flat[name]) for name in keep]}
+    )
 
 
 def stage_table(data: dict) -> pd.DataFrame:
@@ -102,8 +106,9 @@ def show_orthogonality(ref: CacheRef) -> None:
         )
     right.caption(
         f"{len(next(iter(samples.values()))):,} sampled pairs each. Matching "
-        "pursuit removes the picked atom's direction from the residual, so the "
-        "next pick tends to be nearly orthogonal to it."
+        "pursuit removes each picked atom's direction from the residual before "
+        "the next pick; this compares how aligned consecutive picks are with "
+        "random pairs of used atoms."
     )
 
 

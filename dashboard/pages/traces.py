@@ -29,7 +29,11 @@ def choose_input(ref: CacheRef) -> Chosen | None:
         row = widgets.item_picker(ref, "trace_item")
         if row is None:
             return None
-        modality = loaders.items(ref).loc[row, "modality"]
+        data = loaders.items(ref)
+        modality = data.loc[row, "modality"]
+        if modality == "image":
+            with widgets.guard("Opening the image"):
+                st.image(loaders.thumbnail(ref, data.loc[row, "corpus_id"]), width=96)
         return Chosen(
             loaders.acts(ref)[row], row, loaders.item_names(ref)[row], modality
         )
@@ -68,33 +72,47 @@ def sparsity_controls(ref: CacheRef) -> tuple[int, float | None]:
     return k, (threshold or None)
 
 
-def show_mp(ref: CacheRef, chosen: Chosen, k: int, threshold) -> None:
-    code = live.code_of(ref, chosen.x_d, chosen.modality, "mp", k, threshold)
-    steps = live.step_table(ref, code, exclude=chosen.row)
-    final = code.fvu_k[code.n_steps - 1] if code.n_steps else 1.0
-    st.markdown(f"**MP-SAE**: {code.n_steps} steps, FVU {final:.4f}")
-    st.plotly_chart(
-        plots.trace_curves(steps, f"Pursuit of {chosen.name}"), width="stretch"
-    )
+STEP_FORMATS = {
+    "coefficient": st.column_config.NumberColumn(format="%.3f"),
+    "residual norm": st.column_config.NumberColumn(format="%.3f"),
+    "cumulative FVU": st.column_config.NumberColumn(format="%.4f"),
+}
+
+
+def _final_fvu(code: live.Code) -> float:
+    return float(code.fvu_k[code.n_steps - 1]) if code.n_steps else float("nan")
+
+
+def show_codes(ref: CacheRef, chosen: Chosen, k: int, threshold) -> None:
+    """Both codes live: curves and the TopK code on top, MP steps below."""
+    mp = live.code_of(ref, chosen.x_d, chosen.modality, "mp", k, threshold)
+    topk = live.code_of(ref, chosen.x_d, chosen.modality, "topk", k)
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown(
+            f"**MP-SAE**: {mp.n_steps} steps, FVU {_final_fvu(mp):.4f} · "
+            f"**TopK SAE**: {topk.n_steps} atoms, FVU {_final_fvu(topk):.4f}"
+        )
+        curves = {"MP": live.curve(mp), "TopK": live.curve(topk)}
+        st.plotly_chart(
+            plots.trace_curves(curves, f"Pursuit of {chosen.name}"), width="stretch"
+        )
+    with right:
+        st.markdown("**TopK code of the same input** (by decreasing coefficient)")
+        steps = live.step_table(ref, topk, with_neighbors=False)
+        st.dataframe(
+            steps[["atom", "label", "coefficient"]],
+            hide_index=True,
+            width="stretch",
+            height=340,
+            column_config=STEP_FORMATS,
+        )
+    st.markdown("**MP-SAE, step by step**")
     st.dataframe(
-        steps,
+        live.step_table(ref, mp, exclude=chosen.row),
         hide_index=True,
         width="stretch",
-        column_config={
-            "coefficient": st.column_config.NumberColumn(format="%.3f"),
-            "residual norm": st.column_config.NumberColumn(format="%.3f"),
-            "cumulative FVU": st.column_config.NumberColumn(format="%.4f"),
-        },
-    )
-
-
-def show_topk(ref: CacheRef, chosen: Chosen, k: int) -> None:
-    code = live.code_of(ref, chosen.x_d, chosen.modality, "topk", k)
-    steps = live.step_table(ref, code, with_neighbors=False)
-    final = code.fvu_k[code.n_steps - 1] if code.n_steps else 1.0
-    st.markdown(f"**TopK SAE**: {code.n_steps} atoms, FVU {final:.4f}")
-    st.dataframe(
-        steps[["atom", "label", "coefficient"]], hide_index=True, width="stretch"
+        column_config=STEP_FORMATS,
     )
 
 
@@ -107,11 +125,8 @@ def render() -> None:
         st.info("Choose a corpus item, upload an image or type a text.")
         return
     k, threshold = sparsity_controls(ref)
-    mp_col, topk_col = st.columns([3, 1])
-    with mp_col, widgets.guard("Encoding with the MP-SAE"):
-        show_mp(ref, chosen, k, threshold)
-    with topk_col, widgets.guard("Encoding with the TopK SAE"):
-        show_topk(ref, chosen, k)
+    with widgets.guard("Encoding the input"):
+        show_codes(ref, chosen, k, threshold)
     st.caption(
         "FVU here is one input's |residual|² / |x - m|², m the mean of its "
         "modality, as in the cache. Nearest items are "
