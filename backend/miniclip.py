@@ -346,8 +346,8 @@ class TrainConfig:
     epochs : int
         Passes over the train split.
     batch_size : int
-        Images per step; each is paired with one of its captions, drawn at
-        random, and the other captions of the batch are its negatives.
+        Images per step; each is contrasted with every distinct caption of
+        the batch, its own captions being the positives.
     lr : float
         Peak AdamW learning rate, reached after ``warmup_steps`` and decayed
         to zero on a cosine.
@@ -439,38 +439,42 @@ def embed_texts(mini: MiniClip, texts: list[str], batch_size: int = 256):
     return out
 
 
-def cached_text_embeddings(
-    mini: MiniClip, texts: list[str], cache_dir: Path | None
-) -> torch.Tensor:
-    """:func:`embed_texts`, stored under ``cache_dir`` keyed by the texts."""
+def caption_bank(
+    mini: MiniClip, corpus, cache_dir: Path | None
+) -> tuple[dict[str, int], torch.Tensor]:
+    """Locked text embeddings of every distinct caption of the corpus.
+
+    Returns ``(row_of_caption, text_ud)``. The text tower never changes, so
+    the bank is computed once per corpus and text tower and, with
+    ``cache_dir``, stored there (safetensors, keyed by a hash of the
+    captions, the package version and the context length) for later runs.
+    """
     import hashlib
     import importlib.metadata
 
+    texts = sorted({c for captions in corpus.table["captions"] for c in captions})
+    row_of = {text: row for row, text in enumerate(texts)}
     if cache_dir is None:
-        return embed_texts(mini, texts)
+        return row_of, embed_texts(mini, texts)
     key = hashlib.sha256()
     key.update(importlib.metadata.version(TEXT_PACKAGE).encode())
     key.update(str(mini.config.context_length).encode())
     key.update("\n".join(texts).encode())
-    path = Path(cache_dir) / f"text-{key.hexdigest()[:16]}.safetensors"
+    path = Path(cache_dir) / f"captions-{key.hexdigest()[:16]}.safetensors"
     if path.is_file():
         log.info("caption embeddings from %s", path)
-        return load_file(str(path))["text_ud"]
+        return row_of, load_file(str(path))["text_ud"]
     text_ud = embed_texts(mini, texts)
     with atomic_path(path) as tmp:
         save_file({"text_ud": text_ud.contiguous()}, str(tmp))
-    return text_ud
+    return row_of, text_ud
 
 
-def prepare_data(corpus, mini: MiniClip, rows, cache_dir: Path | None) -> TrainData:
-    """Pixels and caption embeddings of the given table rows."""
+def prepare_data(corpus, mini: MiniClip, rows, bank) -> TrainData:
+    """Pixels and caption embedding rows of the given table rows."""
+    row_of, text_ud = bank
     rows = rows[rows["captions"].map(len) > 0].reset_index(drop=True)
-    unique: dict[str, int] = {}
-    caption_ids = [
-        [unique.setdefault(c, len(unique)) for c in captions]
-        for captions in rows["captions"]
-    ]
-    text_ud = cached_text_embeddings(mini, list(unique), cache_dir)
+    caption_ids = [[row_of[c] for c in captions] for captions in rows["captions"]]
     pixels = load_pixels(corpus, list(rows["id"]), mini.config)
     return TrainData(list(rows["id"]), pixels, caption_ids, text_ud, rows)
 
@@ -484,16 +488,19 @@ def augment(
     """Random resized crop (and flip) of a uint8 batch, then normalise.
 
     One affine resampling per image: a crop of area share in
-    ``train.crop_scale`` and aspect ratio in [3/4, 4/3] at a random position
-    inside the image, scaled back to full size (bilinear).
+    ``train.crop_scale`` and aspect ratio in [3/4, 4/3] (narrowed so that the
+    crop fits) at a random position inside the image, scaled back to full
+    size (bilinear).
     """
     x_nchw = pixels_nchw.float() / 255
     n = len(x_nchw)
     lo, hi = train.crop_scale
     area_n = lo + (hi - lo) * torch.rand(n, generator=gen)
-    log_aspect_n = (torch.rand(n, generator=gen) * 2 - 1) * math.log(4 / 3)
-    sx_n = (area_n * log_aspect_n.exp()).sqrt().clamp(max=1)
-    sy_n = (area_n / log_aspect_n.exp()).sqrt().clamp(max=1)
+    # Aspect ratios that keep the crop inside the image (|log r| <= -log area).
+    max_log_aspect_n = (-area_n.log()).clamp(max=math.log(4 / 3))
+    log_aspect_n = (torch.rand(n, generator=gen) * 2 - 1) * max_log_aspect_n
+    sx_n = (area_n * log_aspect_n.exp()).sqrt()
+    sy_n = (area_n / log_aspect_n.exp()).sqrt()
     tx_n = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx_n)
     ty_n = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy_n)
     if train.flip:
@@ -516,21 +523,24 @@ def normalise(x_nchw: torch.Tensor, config: MiniClipConfig) -> torch.Tensor:
 
 def contrastive_loss(
     image_nd: torch.Tensor,
-    text_nd: torch.Tensor,
-    caption_id_n: torch.Tensor,
+    text_td: torch.Tensor,
+    positive_nt: torch.Tensor,
     logit_scale: torch.Tensor,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of (image, caption) pairs.
+    """Symmetric InfoNCE between a batch of images and a batch of captions.
 
-    Both inputs are unit rows. Where several images of the batch drew the
-    same caption string, every such pair counts as a positive (the target
-    spreads evenly over them) instead of as a false negative.
+    ``positive_nt[i, t]`` is True where caption ``t`` describes image ``i``:
+    an image may have several captions, and the same caption string may
+    describe several images of the batch. The target of each image (and of
+    each caption) spreads evenly over its positives, so none of them is
+    pushed away as a false negative. Inputs are unit rows.
     """
-    logits_nn = logit_scale.exp() * image_nd @ text_nd.T
-    same_nn = (caption_id_n[:, None] == caption_id_n[None, :]).float()
-    target_nn = same_nn / same_nn.sum(dim=1, keepdim=True)
-    loss_i = torch.nn.functional.cross_entropy(logits_nn, target_nn)
-    loss_t = torch.nn.functional.cross_entropy(logits_nn.T, target_nn)
+    logits_nt = logit_scale.exp() * image_nd @ text_td.T
+    positive_nt = positive_nt.float()
+    target_nt = positive_nt / positive_nt.sum(dim=1, keepdim=True)
+    target_tn = positive_nt.T / positive_nt.T.sum(dim=1, keepdim=True)
+    loss_i = torch.nn.functional.cross_entropy(logits_nt, target_nt)
+    loss_t = torch.nn.functional.cross_entropy(logits_nt.T, target_tn)
     return (loss_i + loss_t) / 2
 
 
@@ -632,10 +642,12 @@ def train(
 ) -> TrainResult:
     """Train the image tower contrastively against the locked MiniLM.
 
-    Each step draws ``batch_size`` train images, one random caption of each,
-    augments the images, and minimises :func:`contrastive_loss` over the
-    image tower and the logit scale (clamped to at most 100). Caption
-    embeddings are computed once, since the text tower never changes.
+    Each step draws ``batch_size`` train images, augments them, and
+    minimises :func:`contrastive_loss` between them and all the distinct
+    captions of the batch, over the image tower and the logit scale (clamped
+    to at most 100). Caption embeddings are computed once
+    (:func:`caption_bank`), since the text tower never changes; using every
+    caption of an image costs nothing extra and gives more signal per image.
 
     ``max_images`` keeps only an evenly spread subset of the train split
     (for smoke tests and pilots).
@@ -653,13 +665,14 @@ def train(
         pick = torch.linspace(0, len(rows) - 1, max_images).long().tolist()
         rows = rows.iloc[pick].reset_index(drop=True)
     fit_rows, val_rows = split_validation(rows, train_config.val_percent)
-    data = prepare_data(corpus, mini, fit_rows, cache_dir)
-    val = prepare_data(corpus, mini, val_rows, cache_dir) if len(val_rows) else None
+    bank = caption_bank(mini, corpus, cache_dir)
+    data = prepare_data(corpus, mini, fit_rows, bank)
+    val = prepare_data(corpus, mini, val_rows, bank) if len(val_rows) else None
     prepared = time.perf_counter() - started
     log.info(
-        "train on %d images, %d unique captions (%s held back); prepared in %.0f s",
+        "train on %d images, %d captions (%s images held back); prepared in %.0f s",
         len(data.ids),
-        len(data.text_ud),
+        sum(map(len, data.caption_ids)),
         len(val.ids) if val else 0,
         prepared,
     )
@@ -669,7 +682,7 @@ def train(
     total = steps_per_epoch * train_config.epochs
     opt, schedule = _optimizer(mini.model, train_config, total)
     log_lines = [
-        f"# {len(data.ids)} images, {len(data.text_ud)} captions, "
+        f"# {len(data.ids)} images, {sum(map(len, data.caption_ids))} captions, "
         f"{total} steps; prepared in {prepared:.0f} s"
     ]
     bar = tqdm(total=total, desc="train mini-CLIP", unit="step")
@@ -686,7 +699,7 @@ def train(
             schedule.step()
             with torch.no_grad():
                 mini.model.logit_scale.clamp_(0, math.log(100))
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             bar.update()
             bar.set_postfix(loss=f"{float(loss):.3f}", epoch=epoch)
         seconds = time.perf_counter() - t0
@@ -709,18 +722,17 @@ def train(
 
 
 def _train_step(mini, data: TrainData, batch, train_config, gen) -> torch.Tensor:
-    """Loss of one batch: augmented images against one random caption each."""
-    picks = torch.rand(len(batch), generator=gen)
-    caption_n = torch.tensor(
-        [
-            data.caption_ids[i][int(p * len(data.caption_ids[i]))]
-            for i, p in zip(batch.tolist(), picks.tolist(), strict=True)
-        ]
-    )
+    """Loss of one batch: augmented images against all of their captions."""
+    caption_lists = [data.caption_ids[i] for i in batch.tolist()]
+    row_t = torch.tensor(sorted({c for ids in caption_lists for c in ids}))
+    width = max(map(len, caption_lists))
+    own_nc = torch.tensor([ids + [-1] * (width - len(ids)) for ids in caption_lists])
+    positive_nt = (own_nc[:, :, None] == row_t[None, None, :]).any(dim=1)
+
     x_nchw = augment(data.pixels_nchw[batch], mini.config, train_config, gen)
     image_nd = torch.nn.functional.normalize(mini.model.encode_image(x_nchw), dim=-1)
     return contrastive_loss(
-        image_nd, data.text_ud[caption_n], caption_n, mini.model.logit_scale
+        image_nd, data.text_ud[row_t], positive_nt, mini.model.logit_scale
     )
 
 
@@ -742,7 +754,7 @@ def _record(corpus, data, model_config, train_config, started, log_lines) -> dic
             "corpus": str(corpus.name),
             "corpus_fingerprint": corpus.fingerprint(content=False),
             "n_images": len(data.ids),
-            "n_captions": len(data.text_ud),
+            "n_captions": sum(map(len, data.caption_ids)),
             "seconds": round(time.perf_counter() - started, 1),
             "final": log_lines[-1],
         },
