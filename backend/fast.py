@@ -98,7 +98,6 @@ def _first_max(c_m, nonnegative):
     return best
 
 
-@numba.njit(parallel=True, cache=True)
 def _gram_pursuit(
     corr_nm,
     gram_mm,
@@ -146,6 +145,15 @@ def _gram_pursuit(
                 best = _update_max_positive(c_m, gram_mm[pick], coef)
             else:
                 best = _update_max_absolute(c_m, gram_mm[pick], coef)
+
+
+_gram_pursuit_parallel = numba.njit(parallel=True, cache=True)(_gram_pursuit)
+_gram_pursuit_serial = numba.njit(cache=True)(_gram_pursuit)
+
+# Below this many element updates (n * k * n_atoms) a block runs on one thread:
+# starting numba's threads costs more than it saves on small blocks, and far
+# more on a busy machine.
+PARALLEL_MIN_WORK = 1 << 23
 
 
 def gram_bytes(n_atoms: int) -> int:
@@ -199,7 +207,11 @@ def _trace_block(
     coefs_nk = np.empty((n, k), dtype=np.float32)
     norms_nk1 = np.empty((n, k + 1), dtype=np.float32)
     residual_nd = centred_nd.numpy()
-    _gram_pursuit(
+    work = n * k * sae.n_atoms
+    kernel = (
+        _gram_pursuit_parallel if work >= PARALLEL_MIN_WORK else _gram_pursuit_serial
+    )
+    kernel(
         corr_nm,
         gram_matrix(sae),
         residual_nd,
