@@ -262,5 +262,6 @@ def atlas_chart(points: pd.DataFrame, color: str) -> alt.Chart:
             ],
         )
         .add_params(select)
-        .properties(height=620)
+        # SVG keeps every point a DOM element (the browser test hovers one).
+        .properties(height=620, usermeta={"embedOptions": {"renderer": "svg"}})
     )

@@ -75,6 +75,7 @@ def app_url(tiny_cache):
     port = _free_port()
     env = dict(os.environ, ATLAS_CACHE_ROOT=str(Path(tiny_cache).parent))
     env.setdefault("OMP_NUM_THREADS", "1")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     log = open(SCREENSHOTS.parent / "streamlit-browser-test.log", "w")  # noqa: SIM115
     command = [
         sys.executable,
@@ -121,30 +122,90 @@ def _settle(page, title: str) -> None:
     page.wait_for_timeout(1000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _screenshot_folder():
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-
-
-def test_every_page_renders_without_exception(app_url):
+@pytest.fixture(scope="module")
+def browser_page(app_url):
+    """One headless Chromium page for the module's tests."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as driver:
         browser = driver.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
         )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
         try:
-            for path, title in PAGES:
-                page.goto(f"{app_url}/{path}", wait_until="domcontentloaded")
-                _settle(page, title)
-                name = path.replace("?", "_").replace("=", "") or "overview"
-                page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
-                exceptions = page.locator('[data-testid="stException"]')
-                assert exceptions.count() == 0, exceptions.first.inner_text()
-                errors = page.locator('[data-testid="stAlertContentError"]')
-                assert errors.count() == 0, errors.first.inner_text()
-                main = page.locator('[data-testid="stMain"]')
-                assert title in main.inner_text(), f"{path}: no {title!r}"
+            yield page
         finally:
             browser.close()
+
+
+def _assert_no_exception(page, where: str) -> None:
+    exceptions = page.locator('[data-testid="stException"]')
+    assert exceptions.count() == 0, f"{where}: {exceptions.first.inner_text()}"
+
+
+def test_every_page_renders_without_exception(app_url, browser_page):
+    page = browser_page
+    for path, title in PAGES:
+        page.goto(f"{app_url}/{path}", wait_until="domcontentloaded")
+        _settle(page, title)
+        name = path.replace("?", "_").replace("=", "") or "overview"
+        page.screenshot(path=SCREENSHOTS / f"{name}.png")
+        _assert_no_exception(page, path)
+        errors = page.locator('[data-testid="stAlertContentError"]')
+        assert errors.count() == 0, f"{path}: {errors.first.inner_text()}"
+        main = page.locator('[data-testid="stMain"]')
+        assert title in main.inner_text(), f"{path}: no {title!r}"
+
+
+def test_atlas_hover_shows_a_thumbnail_and_click_opens_the_atom(app_url, browser_page):
+    page = browser_page
+    page.goto(f"{app_url}/atlas", wait_until="domcontentloaded")
+    _settle(page, "Atlas")
+    points = page.locator('[data-testid="stVegaLiteChart"] svg .mark-symbol path')
+    tooltip = page.locator("#vg-tooltip-element")
+    assert points.count() > 0
+    for index in range(points.count()):
+        points.nth(index).hover(force=True)
+        page.wait_for_timeout(50)
+        if "<img" in (tooltip.inner_html() if tooltip.count() else ""):
+            break
+    else:
+        pytest.fail("no atlas point showed a thumbnail on hover")
+    atom = tooltip.locator("td.value").first.inner_text()
+    page.screenshot(path=SCREENSHOTS / "atlas_hover.png")
+    points.nth(index).click(force=True)
+    page.wait_for_url(f"**/atoms?atom={atom}", timeout=30_000)
+    _settle(page, f"Atom #{atom}")
+    _assert_no_exception(page, "atlas click")
+
+
+def _upload(page, name: str, data: bytes) -> None:
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+        files=[{"name": name, "mimeType": "image/png", "buffer": data}]
+    )
+
+
+def test_traces_upload_real_image_and_reject_a_broken_one(
+    app_url, browser_page, tiny_cache
+):
+    import io
+
+    from backend.corpus import load_corpus
+
+    page = browser_page
+    page.goto(f"{app_url}/traces", wait_until="domcontentloaded")
+    _settle(page, "Traces")
+    page.get_by_text("Upload an image").click()
+    _settle(page, "Traces")
+    corpus = load_corpus(None)
+    buffer = io.BytesIO()
+    corpus.open_image(corpus.table["id"].iloc[0]).save(buffer, format="PNG")
+    _upload(page, "real.png", buffer.getvalue())
+    _settle(page, "MP-SAE, step by step")
+    _assert_no_exception(page, "upload")
+    page.screenshot(path=SCREENSHOTS / "traces_upload.png")
+    _upload(page, "broken.png", b"this is not a picture")
+    _settle(page, "cannot be used")
+    _assert_no_exception(page, "broken upload")
+    error = page.locator('[data-testid="stAlertContentError"]').first.inner_text()
+    assert "broken.png cannot be used: not an image" in error
