@@ -3,9 +3,9 @@
 After the first full correlation ``c = D (x - b)``, a pursuit step
 ``r -= c_j D_j`` changes the correlations by ``c -= c_j G_j``: one row of
 ``G`` (``n_atoms`` numbers) instead of a product with the whole dictionary
-(``n_atoms * d``). The numba kernel below fuses that update with the search
-for the next pick, so each step is one pass over ``G_j`` per input, and runs
-inputs in parallel. The squared residual norm follows from
+(``n_atoms * d``). The numba kernel below does each step as one vectorised
+pass over ``G_j`` per input plus an argmax over the correlations (which stay
+in cache), and runs inputs in parallel. The squared residual norm follows from
 ``|r - c_j D_j|^2 = |r|^2 - c_j^2`` (unit-norm atoms), kept in float64.
 
 In fp32 the updated correlations drift from ``D r`` by rounding only, so the
@@ -42,60 +42,61 @@ DEFAULT_BATCH_SIZE = 4096
 _GRAM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-# Lanes of the running maximum: independent lanes let the compiler vectorise
-# the update-and-max pass; the winner's index is found by a second, short scan.
-LANES = 16
+# The argmax runs on integer keys of the float bits: the compiler vectorises
+# integer max reductions, not float ones (NaN rules). With sign-magnitude
+# bits flipped for negatives, key order is float order; ``|c|`` is the bits
+# without the sign. Maxima are kept per block of KEY_BLOCK entries, so the
+# winner's index is found by scanning one block.
+KEY_BLOCK = 256
+GROUP = 4
+STRIDE = 64
 
 
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _update_max_positive(c_m, g_m, coef):
-    """``c -= coef * g`` in place; return the new ``max c``."""
-    body = c_m.shape[0] - c_m.shape[0] % LANES
-    lanes = np.full(LANES, -np.inf, dtype=np.float32)
-    for start in range(0, body, LANES):
-        for lane in range(LANES):
-            v = c_m[start + lane] - coef * g_m[start + lane]
-            c_m[start + lane] = v
-            lanes[lane] = max(lanes[lane], v)
-    best = lanes.max()
-    for q in range(body, c_m.shape[0]):
-        c_m[q] = c_m[q] - coef * g_m[q]
-        best = max(best, c_m[q])
-    return best
+@numba.njit(cache=True, inline="always")
+def _key(bits, nonnegative):
+    if nonnegative:
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits & 0x7FFFFFFF
 
 
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _update_max_absolute(c_m, g_m, coef):
-    """``c -= coef * g`` in place; return the new ``max |c|``."""
-    body = c_m.shape[0] - c_m.shape[0] % LANES
-    lanes = np.full(LANES, -np.inf, dtype=np.float32)
-    for start in range(0, body, LANES):
-        for lane in range(LANES):
-            v = c_m[start + lane] - coef * g_m[start + lane]
-            c_m[start + lane] = v
-            lanes[lane] = max(lanes[lane], abs(v))
-    best = lanes.max()
-    for q in range(body, c_m.shape[0]):
-        c_m[q] = c_m[q] - coef * g_m[q]
-        best = max(best, abs(c_m[q]))
+@numba.njit(cache=True, inline="always")
+def _block_max(bits_m, start, stop, nonnegative):
+    best = np.int32(-2147483648)
+    if nonnegative:
+        for q in range(start, stop):
+            key = bits_m[q] ^ ((bits_m[q] >> 31) & 0x7FFFFFFF)
+            best = key if key > best else best
+    else:
+        for q in range(start, stop):
+            key = bits_m[q] & 0x7FFFFFFF
+            best = key if key > best else best
     return best
 
 
 @numba.njit(cache=True, inline="always")
-def _first_index(c_m, best, nonnegative):
-    """First ``q`` whose score (``c`` or ``|c|``) equals ``best``."""
-    for q in range(c_m.shape[0]):
-        if (c_m[q] if nonnegative else abs(c_m[q])) == best:
+def _argmax(c_m, nonnegative, block_max):
+    """First index of ``max c`` (``nonnegative``) or of ``max |c|``."""
+    bits_m = c_m.view(np.int32)
+    m = c_m.shape[0]
+    n_blocks = block_max.shape[0]
+    for b in range(n_blocks):
+        block_max[b] = _block_max(
+            bits_m, b * KEY_BLOCK, min((b + 1) * KEY_BLOCK, m), nonnegative
+        )
+    best_block = 0
+    for b in range(1, n_blocks):
+        if block_max[b] > block_max[best_block]:
+            best_block = b
+    best = block_max[best_block]
+    for q in range(best_block * KEY_BLOCK, min((best_block + 1) * KEY_BLOCK, m)):
+        if _key(bits_m[q], nonnegative) == best:
             return q
-    return 0
+    return best_block * KEY_BLOCK
 
 
 @numba.njit(cache=True, inline="always")
-def _first_max(c_m, nonnegative):
-    best = np.float32(-np.inf)
-    for q in range(c_m.shape[0]):
-        best = max(best, c_m[q] if nonnegative else abs(c_m[q]))
-    return best
+def _score(value, nonnegative):
+    return value if nonnegative else abs(value)
 
 
 def _gram_pursuit(
@@ -116,35 +117,101 @@ def _gram_pursuit(
     ``x - b`` and becomes the residual. ``stop_n`` is the residual norm at or
     below which an input stops (``-1`` for no threshold). Fills ``atoms_nk``
     (-1 after a stop), ``coefs_nk`` and ``norms_nk1``.
+
+    Inputs go in groups of GROUP that step together: their ``G`` rows are
+    read interleaved, STRIDE entries at a time, which keeps several memory
+    streams in flight (the update is bound by memory, not arithmetic).
     """
-    n = corr_nm.shape[0]
-    for i in numba.prange(n):
-        c_m = corr_nm[i]
-        r2 = 0.0
-        for v in centred_nd[i]:
-            r2 += np.float64(v) * v
-        norms_nk1[i, 0] = math.sqrt(r2)
-        best = _first_max(c_m, nonnegative)
+    n, m = corr_nm.shape
+    n_blocks = (m + KEY_BLOCK - 1) // KEY_BLOCK
+    for group in numba.prange((n + GROUP - 1) // GROUP):
+        first = group * GROUP
+        size = min(GROUP, n - first)
+        block_max = np.empty(n_blocks, dtype=np.int32)
+        picks = np.zeros(GROUP, dtype=np.int64)
+        coefs = np.zeros(GROUP, dtype=np.float32)
+        live = np.zeros(GROUP, dtype=np.bool_)
+        r2s = np.zeros(GROUP, dtype=np.float64)
+        for s in range(size):
+            i = first + s
+            for v in centred_nd[i]:
+                r2s[s] += np.float64(v) * v
+            norms_nk1[i, 0] = math.sqrt(r2s[s])
+            picks[s] = _argmax(corr_nm[i], nonnegative, block_max)
+            live[s] = True
         for t in range(k):
-            norm = math.sqrt(r2)
-            if norm <= stop_n[i] or not best > 0:
-                for s in range(t, k):
-                    atoms_nk[i, s] = -1
-                    coefs_nk[i, s] = 0.0
-                    norms_nk1[i, s + 1] = norm
+            n_live = 0
+            for s in range(size):
+                if live[s]:
+                    live[s] = _record_step(
+                        s,
+                        first + s,
+                        t,
+                        k,
+                        corr_nm,
+                        centred_nd,
+                        atoms_md,
+                        stop_n,
+                        nonnegative,
+                        picks,
+                        coefs,
+                        r2s,
+                        atoms_nk,
+                        coefs_nk,
+                        norms_nk1,
+                    )
+                    n_live += live[s]
+            if n_live == 0:
                 break
-            pick = _first_index(c_m, best, nonnegative)
-            coef = c_m[pick]
-            atoms_nk[i, t] = pick
-            coefs_nk[i, t] = coef
-            r2 = max(r2 - np.float64(coef) * coef, 0.0)
-            norms_nk1[i, t + 1] = math.sqrt(r2)
-            for e in range(centred_nd.shape[1]):
-                centred_nd[i, e] -= coef * atoms_md[pick, e]
-            if nonnegative:
-                best = _update_max_positive(c_m, gram_mm[pick], coef)
-            else:
-                best = _update_max_absolute(c_m, gram_mm[pick], coef)
+            for start in range(0, m, STRIDE):
+                stop = min(start + STRIDE, m)
+                for s in range(size):
+                    if live[s]:
+                        c_m = corr_nm[first + s]
+                        g_m = gram_mm[picks[s]]
+                        coef = coefs[s]
+                        for q in range(start, stop):
+                            c_m[q] -= coef * g_m[q]
+            for s in range(size):
+                if live[s]:
+                    picks[s] = _argmax(corr_nm[first + s], nonnegative, block_max)
+
+
+@numba.njit(cache=True, inline="always")
+def _record_step(
+    s,
+    i,
+    t,
+    k,
+    corr_nm,
+    centred_nd,
+    atoms_md,
+    stop_n,
+    nonnegative,
+    picks,
+    coefs,
+    r2s,
+    atoms_nk,
+    coefs_nk,
+    norms_nk1,
+):
+    """Take step ``t`` of input ``i`` (slot ``s``), or stop it; True if taken."""
+    norm = math.sqrt(r2s[s])
+    coef = corr_nm[i, picks[s]]
+    if norm <= stop_n[i] or not _score(coef, nonnegative) > 0:
+        for u in range(t, k):
+            atoms_nk[i, u] = -1
+            coefs_nk[i, u] = 0.0
+            norms_nk1[i, u + 1] = norm
+        return False
+    atoms_nk[i, t] = picks[s]
+    coefs_nk[i, t] = coef
+    coefs[s] = coef
+    r2s[s] = max(r2s[s] - np.float64(coef) * coef, 0.0)
+    norms_nk1[i, t + 1] = math.sqrt(r2s[s])
+    for e in range(centred_nd.shape[1]):
+        centred_nd[i, e] -= coef * atoms_md[picks[s], e]
+    return True
 
 
 _gram_pursuit_parallel = numba.njit(parallel=True, cache=True)(_gram_pursuit)
