@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import streamlit as st
 import torch
 from PIL import Image
 
@@ -47,15 +48,23 @@ class Code(NamedTuple):
         return self.residual_norms_k1[1:] ** 2 / max(self.energy, 1e-12)
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
 def embed_texts(ref: CacheRef, texts: list[str]) -> np.ndarray:
-    """CLIP text embeddings (n, d) of the cache's model, L2-normalised."""
+    """CLIP text embeddings (n, d) of the cache's model, L2-normalised.
+
+    Cached by text, so a page rerun with the same text costs nothing.
+    """
     model = loaders.encoder(loaders.model_spec(ref))
     with torch.no_grad():
-        return model.encode_texts(texts).float().cpu().numpy()
+        return model.encode_texts(list(texts)).float().cpu().numpy()
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
 def embed_image(ref: CacheRef, image: Image.Image) -> np.ndarray:
-    """CLIP image embedding (d,) of the cache's model, L2-normalised."""
+    """CLIP image embedding (d,) of the cache's model, L2-normalised.
+
+    Cached by the image's content, so reruns do not encode an upload again.
+    """
     model = loaders.encoder(loaders.model_spec(ref))
     with torch.no_grad():
         return model.encode_images([image]).float().cpu().numpy()[0]

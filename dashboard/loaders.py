@@ -274,6 +274,11 @@ def thumbnail_png(spec: str | None, corpus_id: str, size: int) -> bytes:
     return buffer.getvalue()
 
 
+def thumbnail_bytes(ref: CacheRef, corpus_id: str, size: int = 128) -> bytes:
+    """A corpus image as PNG bytes, ready for ``st.image`` (no re-encoding)."""
+    return thumbnail_png(corpus_spec(ref), corpus_id, size)
+
+
 def thumbnail(ref: CacheRef, corpus_id: str, size: int = 128) -> Image.Image:
     """A corpus image of the cache's corpus as a small RGB image."""
     return Image.open(io.BytesIO(thumbnail_png(corpus_spec(ref), corpus_id, size)))

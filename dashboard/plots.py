@@ -58,19 +58,26 @@ def l0_distribution(data: pd.DataFrame) -> go.Figure:
     return _compact(fig)
 
 
-def cosine_histograms(samples: dict[str, np.ndarray]) -> go.Figure:
-    """Overlaid histograms of cosines, one per named sample (probability)."""
+def cosine_histograms(samples: dict[str, np.ndarray], bins: int = 80) -> go.Figure:
+    """Histograms of cosines, one per named sample, as shares per bin.
+
+    Binned here (not by plotly) so the figure carries ``bins`` numbers per
+    sample rather than every sampled value.
+    """
+    edges = np.linspace(-1, 1, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
     fig = go.Figure()
     colors = ["#d62728", "#7f7f7f", "#1f77b4"]
     for (name, values), color in zip(samples.items(), colors, strict=False):
+        counts, _ = np.histogram(values, bins=edges)
         fig.add_trace(
-            go.Histogram(
-                x=values,
+            go.Bar(
+                x=centers,
+                y=counts / max(len(values), 1),
                 name=name,
-                histnorm="probability",
                 opacity=0.55,
                 marker_color=color,
-                xbins=dict(start=-1, end=1, size=0.025),
+                width=edges[1] - edges[0],
             )
         )
     fig.update_layout(
@@ -121,18 +128,22 @@ def pick_step_histogram(counts: np.ndarray) -> go.Figure:
     return counts_bar(counts, steps, "Pick steps", "step")
 
 
-def modality_histogram(scores: pd.Series, marked: float | None = None) -> go.Figure:
+def modality_histogram(
+    scores: pd.Series, marked: float | None = None, bins: int = 40
+) -> go.Figure:
     """Histogram of atoms' modality scores (0 = text only, 1 = image only)."""
-    fig = px.histogram(
-        scores.dropna(),
-        nbins=40,
-        labels={"value": "modality score (0 text only, 1 image only)"},
-        title="Modality score of the atoms",
+    counts, edges = np.histogram(scores.dropna(), bins=bins, range=(0, 1))
+    fig = counts_bar(
+        counts,
+        (edges[:-1] + edges[1:]) / 2,
+        "Modality score of the atoms",
+        "modality score (0 text only, 1 image only)",
     )
-    fig.update_layout(showlegend=False, yaxis_title="atoms")
+    fig.update_traces(width=edges[1] - edges[0])
+    fig.update_layout(yaxis_title="atoms")
     if marked is not None:
         fig.add_vline(x=marked, line_color="red", annotation_text="this atom")
-    return _compact(fig, height=280)
+    return fig
 
 
 def modality_gap(points: pd.DataFrame, gap: float | None) -> go.Figure:

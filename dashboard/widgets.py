@@ -110,9 +110,9 @@ def atom_link(atom: int, label: str = "", note: str = "") -> None:
 
 
 def image_grid(
-    images: Sequence[Image.Image], captions: Sequence[str], columns: int = 4
+    images: Sequence[Image.Image | bytes], captions: Sequence[str], columns: int = 4
 ) -> None:
-    """Images in a grid of ``columns`` with one caption each."""
+    """Images (PIL or encoded bytes) in a grid of ``columns``, one caption each."""
     if not images:
         st.caption("no image in the corpus fires this")
         return

@@ -121,7 +121,7 @@ def show_top_items(ref: CacheRef, atom: int) -> None:
         with widgets.guard("Opening corpus images"):
             top = _top(ref, atom, "image")
             ids = data.loc[top["row"], "corpus_id"].tolist()
-            images = [loaders.thumbnail(ref, cid) for cid in ids]
+            images = [loaders.thumbnail_bytes(ref, cid) for cid in ids]
             names = data.loc[top["row"], "level2"].fillna("").tolist()
             captions = [
                 f"{c:.2f} · {n}" for c, n in zip(top["coefficient"], names, strict=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import analysis, live, loaders, plots, widgets
@@ -12,10 +13,20 @@ from dashboard.loaders import CacheRef
 N_SHARED_SHOWN = 6
 
 
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _modality_figure(ref: CacheRef) -> go.Figure:
+    return plots.modality_histogram(loaders.atoms(ref)["modality_score"])
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _gap_figure(ref: CacheRef) -> go.Figure:
+    points, gap = analysis.gap_points(ref)
+    return plots.modality_gap(points, gap)
+
+
 def show_modality_histogram(ref: CacheRef) -> None:
-    scores = loaders.atoms(ref)["modality_score"]
     left, right = st.columns([3, 1])
-    left.plotly_chart(plots.modality_histogram(scores), width="stretch")
+    left.plotly_chart(_modality_figure(ref), width="stretch")
     kinds = loaders.summary(ref).get("mp", {}).get("atoms", {})
     for name, count in kinds.items():
         right.metric(f"{name.replace('_', '-')} atoms", f"{count:,}")
@@ -45,7 +56,10 @@ def show_shared(ref: CacheRef) -> None:
         with images_col, widgets.guard("Opening corpus images"):
             rows = _top_rows(tops, int(info.atom), "image", 4)
             widgets.image_grid(
-                [loaders.thumbnail(ref, cid) for cid in data.loc[rows, "corpus_id"]],
+                [
+                    loaders.thumbnail_bytes(ref, cid)
+                    for cid in data.loc[rows, "corpus_id"]
+                ],
                 data.loc[rows, "level2"].fillna("").tolist(),
                 columns=4,
             )
@@ -83,7 +97,9 @@ def show_pair(ref: CacheRef) -> None:
     image_col, text_col = st.columns(2)
     with image_col:
         with widgets.guard("Opening the image"):
-            st.image(loaders.thumbnail(ref, data.loc[image_row, "corpus_id"], 160))
+            st.image(
+                loaders.thumbnail_bytes(ref, data.loc[image_row, "corpus_id"], 160)
+            )
         _trace_with_marks(ref, image_row, text_row)
     with text_col:
         st.markdown(f"**{data.loc[text_row, 'text']}**")
@@ -105,8 +121,7 @@ def _trace_with_marks(ref: CacheRef, row: int, other_row: int) -> None:
 
 
 def show_gap(ref: CacheRef) -> None:
-    points, gap = analysis.gap_points(ref)
-    st.plotly_chart(plots.modality_gap(points, gap), width="stretch")
+    st.plotly_chart(_gap_figure(ref), width="stretch")
     stored = loaders.summary(ref).get("modality_gap")
     if stored is not None:
         st.caption(f"Modality gap over the whole corpus (summary.json): {stored}")

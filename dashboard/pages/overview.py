@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import analysis, loaders, plots, widgets
@@ -35,6 +36,22 @@ def stage_table(data: dict) -> pd.DataFrame:
         ],
         columns=["stage", "seconds", "done"],
     )
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def figures(ref: CacheRef) -> dict[str, go.Figure]:
+    """The page's figures, built once per cache (they depend on nothing else)."""
+    return {
+        "fvu": plots.fvu_by_k(loaders.table(ref, "fvu_by_k")),
+        "l0": plots.l0_distribution(loaders.table(ref, "l0")),
+        "pairs": plots.cosine_histograms(analysis.pair_cosines(ref)),
+        "hierarchy": plots.hierarchy_lines(_hierarchy(ref)),
+    }
+
+
+def _hierarchy(ref: CacheRef) -> pd.DataFrame:
+    data = loaders.table(ref, "hierarchy")
+    return data[data["modality"] == "all"] if "modality" in data else data
 
 
 def show_settings(ref: CacheRef) -> None:
@@ -94,7 +111,7 @@ def _readable(value) -> str:
 def show_orthogonality(ref: CacheRef) -> None:
     samples = analysis.pair_cosines(ref)
     left, right = st.columns([3, 1])
-    left.plotly_chart(plots.cosine_histograms(samples), width="stretch")
+    left.plotly_chart(figures(ref)["pairs"], width="stretch")
     for name, values in samples.items():
         right.metric(f"mean |cosine|, {name}", f"{np.abs(values).mean():.3f}")
     mp = loaders.summary(ref).get("mp", {})
@@ -113,9 +130,7 @@ def show_orthogonality(ref: CacheRef) -> None:
 
 
 def show_hierarchy(ref: CacheRef) -> None:
-    data = loaders.table(ref, "hierarchy")
-    if "modality" in data:
-        data = data[data["modality"] == "all"]
+    data = _hierarchy(ref)
     if data.empty:
         st.info("The corpus has no hierarchy labels, so there is no agreement table.")
         return
@@ -127,7 +142,7 @@ def show_hierarchy(ref: CacheRef) -> None:
     wide = wide[sorted(wide.columns)].round(3)
     left, right = st.columns([2, 3])
     left.dataframe(wide, width="stretch", height=360)
-    right.plotly_chart(plots.hierarchy_lines(data), width="stretch")
+    right.plotly_chart(figures(ref)["hierarchy"], width="stretch")
 
 
 def render() -> None:
@@ -141,12 +156,8 @@ def render() -> None:
     st.subheader("Reconstruction")
     with widgets.guard("Drawing FVU and L0"):
         left, right = st.columns(2)
-        left.plotly_chart(
-            plots.fvu_by_k(loaders.table(ref, "fvu_by_k")), width="stretch"
-        )
-        right.plotly_chart(
-            plots.l0_distribution(loaders.table(ref, "l0")), width="stretch"
-        )
+        left.plotly_chart(figures(ref)["fvu"], width="stretch")
+        right.plotly_chart(figures(ref)["l0"], width="stretch")
     st.subheader("Conditional orthogonality")
     with widgets.guard("Sampling atom pairs"):
         show_orthogonality(ref)

@@ -33,7 +33,9 @@ def choose_input(ref: CacheRef) -> Chosen | None:
         modality = data.loc[row, "modality"]
         if modality == "image":
             with widgets.guard("Opening the image"):
-                st.image(loaders.thumbnail(ref, data.loc[row, "corpus_id"]), width=96)
+                st.image(
+                    loaders.thumbnail_bytes(ref, data.loc[row, "corpus_id"]), width=96
+                )
         return Chosen(
             loaders.acts(ref)[row], row, loaders.item_names(ref)[row], modality
         )
