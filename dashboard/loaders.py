@@ -256,6 +256,18 @@ def encoder(spec: str):
     return resolve_model(spec)
 
 
+@st.cache_resource(show_spinner="Loading the picture generator ...", max_entries=2)
+def generator(spec: str):
+    """The shipped embedding-to-picture generator for the model of ``spec``.
+
+    Raises FileNotFoundError (none shipped) or ValueError (trained for another
+    model); both messages name the command that trains one.
+    """
+    from backend import generator as gen
+
+    return gen.load_generator(gen.DEFAULT_DIR, gen.model_fingerprint(encoder(spec)))
+
+
 @st.cache_resource(show_spinner="Opening the corpus ...", max_entries=4)
 def corpus(spec: str | None):
     """The corpus of ``spec`` through ``backend.corpus.load_corpus``."""

@@ -204,6 +204,26 @@ def _partners(series: pd.Series, atom: int) -> pd.Series:
     return partners.sort_values(ascending=False).head(N_LINKS)
 
 
+def show_picture(ref: CacheRef, atom: int) -> None:
+    """On request, the generator's picture of bias plus the scaled atom."""
+    if not st.toggle(
+        "Picture of this atom",
+        key="atom_picture",
+        help="decodes bias + scale x atom with the shipped generator",
+    ):
+        return
+    from backend.generator import atom_picture
+
+    scale = st.slider("scale", 0.1, 2.0, 1.0, 0.1, key="atom_picture_scale")
+    try:
+        model = loaders.generator(loaders.model_spec(ref))
+    except (FileNotFoundError, ValueError) as error:
+        st.info(f"No picture: {error}")
+        return
+    with st.spinner("Decoding ..."):
+        st.image(atom_picture(loaders.sae(ref, "mp"), model, atom, scale), width=160)
+
+
 def show_atom(ref: CacheRef, atom: int) -> None:
     table = loaders.atoms(ref)
     if atom not in table.index:
@@ -219,6 +239,8 @@ def show_atom(ref: CacheRef, atom: int) -> None:
         show_histograms(ref, atom, info)
     with widgets.guard("Listing related atoms"):
         show_relations(ref, atom)
+    with widgets.guard("Drawing the atom's picture"):
+        show_picture(ref, atom)
 
 
 def default_atom(ref: CacheRef) -> int:
