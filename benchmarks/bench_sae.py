@@ -214,6 +214,9 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch and numba threads"
     )
+    parser.add_argument(
+        "--only", choices=["B1", "B2", "B3"], help="run one benchmark instead of all"
+    )
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,24 +231,38 @@ def main() -> int:
     return report(args, sizes)
 
 
-def report(args, sizes) -> int:
-    import numpy as np
+GROUPS = {
+    "B1": ["plain_encode", "fast_encode"],
+    "B2": ["mp_encode_decode", "topk_encode_decode"],
+    "B3": ["train_plain", "train_fast", "train_topk"],
+}
 
-    enc, tr = sizes["encode"], sizes["train"]
+
+def report(args, sizes) -> int:
     print(
         f"machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {args.threads} threads for torch and numba"
+        f"{os.cpu_count()} CPUs, {args.threads} threads for torch and numba, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
     )
+    groups = [args.only] if args.only else list(GROUPS)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        res = {name: run_child(name, args, out) for name in CASES}
-        x_nd = inputs(enc).numpy()
-        plain_atoms = np.load(out / "plain_atoms.npy")
-        fast_atoms = np.load(out / "fast_atoms.npy")
-        agreement = float((plain_atoms == fast_atoms).mean())
-        fvu_plain = fvu(x_nd, np.load(out / "plain_residual.npy"))
-        fvu_fast = fvu(x_nd, np.load(out / "fast_residual.npy"))
+        for group in groups:
+            res = {name: run_child(name, args, out) for name in GROUPS[group]}
+            REPORTS[group](res, sizes, out)
+    return 0
 
+
+def report_b1(res, sizes, out) -> None:
+    import numpy as np
+
+    enc = sizes["encode"]
+    x_nd = inputs(enc).numpy()
+    plain_atoms = np.load(out / "plain_atoms.npy")
+    fast_atoms = np.load(out / "fast_atoms.npy")
+    agreement = float((plain_atoms == fast_atoms).mean())
+    fvu_plain = fvu(x_nd, np.load(out / "plain_residual.npy"))
+    fvu_fast = fvu(x_nd, np.load(out / "fast_residual.npy"))
     plain, fast = res["plain_encode"], res["fast_encode"]
     print(
         f"\nB1 encoder, d={enc['d']} n_atoms={enc['n_atoms']} k={enc['k']} "
@@ -265,6 +282,8 @@ def report(args, sizes) -> int:
         f"difference {abs(fvu_plain - fvu_fast):.2e}"
     )
 
+
+def report_b2(res, sizes, out) -> None:
     mp, topk = res["mp_encode_decode"], res["topk_encode_decode"]
     print("\nB2 encode + decode at equal size (same as B1)")
     print(line("MP (Gram)", mp))
@@ -275,6 +294,9 @@ def report(args, sizes) -> int:
         "counting the Gram build)"
     )
 
+
+def report_b3(res, sizes, out) -> None:
+    tr = sizes["train"]
     tf, tp, tt = res["train_fast"], res["train_plain"], res["train_topk"]
     print(
         f"\nB3 one training step, d={tr['d']} n_atoms={tr['n_atoms']} k={tr['k']} "
@@ -285,7 +307,9 @@ def report(args, sizes) -> int:
     print(line("TopK", tt))
     print(f"  speed ratio     {tp['seconds'] / tf['seconds']:8.1f} x (plain / Gram)")
     print(f"  MP / TopK       {tf['seconds'] / tt['seconds']:8.2f} x")
-    return 0
+
+
+REPORTS = {"B1": report_b1, "B2": report_b2, "B3": report_b3}
 
 
 if __name__ == "__main__":
