@@ -225,21 +225,26 @@ ATLAS_COLOR_TITLES = {
 }
 
 
-def atlas_chart(points: pd.DataFrame, color: str) -> alt.Chart:
-    """The UMAP map of atoms as an Altair chart with a click selection.
+def atlas_groups(labels: pd.Series, n: int = 9) -> pd.Series:
+    """The ``n`` most common labels kept, every other label as "other"."""
+    top = labels.value_counts().index[:n]
+    return labels.where(labels.isin(top), "other")
 
-    Altair (Vega-Lite) rather than plotly because its tooltip renders a field
-    named ``image`` as a picture, which gives the hover thumbnail; plotly's
-    hover labels cannot show images. ``points`` needs columns atom, umap_x,
-    umap_y, label, frequency, modality_score, mean_pick_step and image (a
-    data URI, may be empty). The selection is named ``atom``.
+
+def atlas_spec(color: str) -> dict:
+    """Vega-Lite spec of the UMAP map of atoms, with a click selection.
+
+    Vega-Lite (through Altair) rather than plotly because its tooltip renders
+    a field named ``image`` as a picture, which gives the hover thumbnail;
+    plotly's hover labels cannot show images. The spec carries no data: the
+    page passes a table with columns atom, umap_x, umap_y, label,
+    label_group, frequency, modality_score, mean_pick_step and image (a data
+    URI, may be empty), which Streamlit sends as Arrow. The selection
+    parameter is named ``atom``. Rendered as SVG so every point is a DOM
+    element (the browser test hovers one).
     """
     title = ATLAS_COLOR_TITLES[color]
     if color == "label":
-        top = points["label"].value_counts().index[:9]
-        points = points.assign(
-            label_group=points["label"].where(points["label"].isin(top), "other")
-        )
         encoding = alt.Color("label_group:N", title="label (top 9)")
     elif color == "frequency":
         encoding = alt.Color(
@@ -256,8 +261,8 @@ def atlas_chart(points: pd.DataFrame, color: str) -> alt.Chart:
             f"{color}:Q", title=title, scale=alt.Scale(scheme="plasma")
         )
     select = alt.selection_point(name="atom", fields=["atom"], on="click")
-    return (
-        alt.Chart(points)
+    chart = (
+        alt.Chart()
         .mark_circle(size=40)
         .encode(
             x=alt.X("umap_x:Q", axis=None, scale=alt.Scale(zero=False)),
@@ -273,6 +278,11 @@ def atlas_chart(points: pd.DataFrame, color: str) -> alt.Chart:
             ],
         )
         .add_params(select)
-        # SVG keeps every point a DOM element (the browser test hovers one).
         .properties(height=620, usermeta={"embedOptions": {"renderer": "svg"}})
     )
+    spec = chart.to_dict()
+    # Altair puts a placeholder dataset in a chart without data; the page's
+    # table takes its place.
+    spec.pop("data", None)
+    spec.pop("datasets", None)
+    return spec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import streamlit as st
 
@@ -28,10 +30,17 @@ def atlas_points(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
         ]
     ].copy()
     points["label"] = points["label"].fillna("").astype(str)
+    points["label_group"] = plots.atlas_groups(points["label"])
     points["image"] = (
         loaders.atom_thumbnail_uris(ref).reindex(points.index) if thumbnails else ""
     )
     return points.reset_index(drop=True)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def atlas_spec(color: str) -> dict:
+    """The chart spec for one colouring, built once (validation is slow)."""
+    return plots.atlas_spec(color)
 
 
 def _points_or_plain(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
@@ -66,8 +75,9 @@ def render() -> None:
             f"directions ({dead:,} dead atoms left out). Hover for the label and "
             "top image; click an atom to open its page."
         )
-        event = st.altair_chart(
-            plots.atlas_chart(points, color),
+        event = st.vega_lite_chart(
+            points,
+            copy.deepcopy(atlas_spec(color)),  # Streamlit may add to the spec
             on_select="rerun",
             key="atlas_chart",
             width="stretch",
