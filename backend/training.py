@@ -20,9 +20,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import pandas as pd
 import torch
@@ -69,6 +72,10 @@ class TrainConfig:
         at the end).
     progress : bool
         Show a tqdm progress bar.
+    threads : int or None
+        Torch and numba threads while training (restored afterwards); None
+        keeps the process's settings. On small problems one thread is often
+        fastest: thread start-up dominates, and more so on a busy machine.
     """
 
     steps: int = 1000
@@ -81,6 +88,7 @@ class TrainConfig:
     resample_every: int = 100
     checkpoint_every: int = 0
     progress: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "dead_after_steps"):
@@ -447,6 +455,33 @@ def train(
     ``checkpoint_every`` steps and at the end, and (``resume=True``) a run
     continues from the checkpoint found there.
     """
+    with _threads(config.threads):
+        return _train(sae, acts, config, checkpoint_dir, resume)
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Set torch and numba threads for the block, then restore them."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(count)
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+
+
+def _train(
+    sae: SparseAutoencoder,
+    acts: np.ndarray | Tensor | str | os.PathLike,
+    config: TrainConfig,
+    checkpoint_dir: str | os.PathLike | None,
+    resume: bool,
+) -> TrainResult:
     started = time.perf_counter()
     trainer = Trainer(sae, acts, config)
     resumed_from = None

@@ -59,7 +59,9 @@ def test_mp_sae_recovers_the_hierarchy_better_than_topk():
     # Equal size (one atom per true feature) and sparsity (k = 2), same data,
     # seed and training settings.
     config = HierarchyConfig(seed=0)
-    train_config = TrainConfig(steps=400, batch_size=256, lr=3e-3, progress=False)
+    train_config = TrainConfig(
+        steps=400, batch_size=256, lr=3e-3, progress=False, threads=1
+    )
     result = compare_on_hierarchy(config, train_config, n_samples=10000, k=2)
     assert result.n_atoms == config.n_features
     assert result.mp.mean_cosine > result.topk.mean_cosine + 0.03

@@ -32,7 +32,9 @@ def sparse_data(n: int = 3000, seed: int = 0) -> np.ndarray:
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(steps=60, batch_size=128, lr=3e-3, log_every=20, progress=False)
+    base = dict(
+        steps=60, batch_size=128, lr=3e-3, log_every=20, progress=False, threads=1
+    )
     return TrainConfig(**(base | overrides))
 
 
