@@ -133,6 +133,30 @@ def nearest_rows(
     return cosines_qn.argmax(axis=1)
 
 
+def nearest_items(
+    ref: CacheRef,
+    query_d: np.ndarray,
+    modality: str,
+    n: int = 4,
+    exclude: int | None = None,
+) -> pd.DataFrame:
+    """The ``n`` corpus activations of ``modality`` closest (cosine) to a query.
+
+    Returns rows with columns row, cosine, corpus_id and text.
+    """
+    data = loaders.items(ref)
+    rows = loaders.modality_rows(ref)[modality]
+    if exclude is not None:
+        rows = rows[rows != exclude]
+    acts_nd = loaders.acts(ref)
+    query_d = query_d / max(float(np.linalg.norm(query_d)), 1e-12)
+    cosines = acts_nd[rows] @ query_d
+    best = np.argsort(-cosines)[:n]
+    found = data.loc[rows[best], ["row", "corpus_id", "text"]].copy()
+    found.insert(1, "cosine", cosines[best])
+    return found
+
+
 def step_table(
     ref: CacheRef, code: Code, with_neighbors: bool = True, exclude=None
 ) -> pd.DataFrame:

@@ -165,6 +165,13 @@ def traces(ref: CacheRef, kind: str) -> Traces:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
+def modality_rows(ref: CacheRef) -> dict[str, np.ndarray]:
+    """Activation rows of each modality, in row order."""
+    modality = items(ref)["modality"].to_numpy()
+    return {m: np.flatnonzero(modality == m) for m in ("image", "text")}
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
 def modality_means(ref: CacheRef) -> dict[str, np.ndarray]:
     """Mean activation (d,) of each modality: the FVU reference point."""
     modality = items(ref)["modality"].to_numpy()

@@ -272,6 +272,18 @@ def test_trace_sliders_re_encode_live(cache_env):
         assert steps["residual norm"].iloc[-2] > 0.8 * start - 1e-5
 
 
+def test_trace_step_slider_shows_nearest_items(cache_env):
+    at = open_page("traces")
+    at.slider(key="trace_step").set_value(2).run()
+    assert_clean(at)
+    titles = [m.value for m in at.markdown]
+    assert any("Reconstruction after step 2" in t for t in titles)
+    assert any("Residual after step 2" in t for t in titles)
+    at.slider(key="trace_k").set_value(1).run()  # the step slider must follow k
+    assert_clean(at)
+    assert any("Reconstruction after step 1" in m.value for m in at.markdown)
+
+
 def test_trace_of_a_typed_text(cache_env):
     at = open_page("traces")
     at.radio(key="trace_source").set_value("Type a text").run()

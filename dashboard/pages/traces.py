@@ -85,7 +85,7 @@ def _final_fvu(code: live.Code) -> float:
     return float(code.fvu_k[code.n_steps - 1]) if code.n_steps else float("nan")
 
 
-def show_codes(ref: CacheRef, chosen: Chosen, k: int, threshold) -> None:
+def show_codes(ref: CacheRef, chosen: Chosen, k: int, threshold) -> live.Code:
     """Both codes live: curves and the TopK code on top, MP steps below."""
     mp = live.code_of(ref, chosen.x_d, chosen.modality, "mp", k, threshold)
     topk = live.code_of(ref, chosen.x_d, chosen.modality, "topk", k)
@@ -116,6 +116,42 @@ def show_codes(ref: CacheRef, chosen: Chosen, k: int, threshold) -> None:
         width="stretch",
         column_config=STEP_FORMATS,
     )
+    return mp
+
+
+def show_step(ref: CacheRef, chosen: Chosen, mp: live.Code) -> None:
+    """What the reconstruction and the residual look like after step t."""
+    if mp.n_steps == 0:
+        return
+    if st.session_state.get("trace_step", 1) > mp.n_steps:
+        st.session_state["trace_step"] = mp.n_steps  # k shrank below it
+    step = (
+        st.slider("Look at step", 1, mp.n_steps, key="trace_step")
+        if mp.n_steps > 1
+        else 1
+    )
+    recon_d = mp.recon_kd[step - 1]
+    queries = {
+        f"Reconstruction after step {step}": recon_d,
+        f"Residual after step {step}": mp.x_d - recon_d,
+    }
+    for column, (title, query_d) in zip(st.columns(2), queries.items(), strict=True):
+        with column:
+            st.markdown(f"**{title}**: nearest corpus items")
+            images = live.nearest_items(ref, query_d, "image", 4, chosen.row)
+            with widgets.guard("Opening corpus images"):
+                widgets.image_grid(
+                    [loaders.thumbnail_bytes(ref, c) for c in images["corpus_id"]],
+                    [f"{c:.2f}" for c in images["cosine"]],
+                    columns=4,
+                )
+            texts = live.nearest_items(ref, query_d, "text", 3, chosen.row)
+            st.markdown(
+                "\n".join(
+                    f"- {t} ({c:.2f})"
+                    for t, c in zip(texts["text"], texts["cosine"], strict=True)
+                )
+            )
 
 
 def render() -> None:
@@ -128,7 +164,8 @@ def render() -> None:
         return
     k, threshold = sparsity_controls(ref)
     with widgets.guard("Encoding the input"):
-        show_codes(ref, chosen, k, threshold)
+        mp = show_codes(ref, chosen, k, threshold)
+        show_step(ref, chosen, mp)
     st.caption(
         "FVU here is one input's |residual|² / |x - m|², m the mean of its "
         "modality, as in the cache. Nearest items are "
