@@ -112,10 +112,10 @@ def _up_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"),
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
-        nn.GroupNorm(min(8, c_out), c_out),
+        nn.GroupNorm(math.gcd(8, c_out), c_out),
         nn.SiLU(),
         nn.Conv2d(c_out, c_out, kernel_size=3, padding=1),
-        nn.GroupNorm(min(8, c_out), c_out),
+        nn.GroupNorm(math.gcd(8, c_out), c_out),
         nn.SiLU(),
     )
 
@@ -352,19 +352,23 @@ class GeneratorTrainConfig:
     Attributes
     ----------
     epochs:
-        Passes over the training split.
+        Passes over the training split (unless ``steps`` is set).
+    steps:
+        Total optimiser steps; overrides ``epochs`` (the last epoch may be
+        partial).
     batch_size:
         Pictures per optimiser step.
     lr:
-        Peak AdamW learning rate (cosine decay to 5% of it, 100 warm-up steps).
+        Peak AdamW learning rate (linear warm-up over the first 100 steps or
+        fifth of the run, then cosine decay to 5% of it).
     weight_decay:
         AdamW weight decay.
     clip_weight:
         Weight of the CLIP consistency term ``1 - cos(I(G(e)), e)`` against
         the per-pixel L1 term (both averaged over the batch).
-    clip_every:
-        Apply the CLIP term on every n-th step only (1 = every step); the
-        tower's backward pass is the costliest part of a step.
+    clip_images:
+        How many pictures of each batch go through the tower for the CLIP
+        term (the tower's backward pass is the costliest part of a step).
     noise:
         Norm of the Gaussian jitter added to each training embedding before
         renormalisation (0 = none).
@@ -381,11 +385,12 @@ class GeneratorTrainConfig:
     """
 
     epochs: int = 10
+    steps: int | None = None
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
     clip_weight: float = 0.5
-    clip_every: int = 1
+    clip_images: int = 16
     noise: float = 0.05
     image_size: int = 64
     channels: tuple[int, ...] = (256, 128, 64, 32, 16)
@@ -431,6 +436,38 @@ class GeneratorTrainResult(NamedTuple):
     n_train: int
 
 
+class StoredEmbeddings(NamedTuple):
+    """Image embeddings a build already computed: ``acts_nd`` (rows of a
+    cache's ``activations/acts.npy``) and ``row_of`` (corpus id -> row)."""
+
+    acts_nd: np.ndarray
+    row_of: dict[str, int]
+
+
+def stored_embeddings(cache_dir: str | Path, encoder) -> StoredEmbeddings:
+    """The image embeddings of a built cache made with the same model.
+
+    Raises ``ValueError`` when the cache's model fingerprint differs from the
+    encoder's (its embeddings would belong to another space).
+    """
+    import pandas as pd
+
+    cache_dir = Path(cache_dir)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    theirs = manifest.get("inputs", {}).get("model", {}).get("fingerprint")
+    if theirs != model_fingerprint(encoder):
+        raise ValueError(
+            f"{cache_dir} was built with another model (fingerprint {theirs}); "
+            "drop --acts to encode the corpus with this model"
+        )
+    items = pd.read_parquet(cache_dir / "activations" / "items.parquet")
+    images = items[items["modality"] == "image"]
+    acts_nd = np.load(cache_dir / "activations" / "acts.npy", mmap_mode="r")
+    return StoredEmbeddings(
+        acts_nd, dict(zip(images["corpus_id"], images["row"], strict=True))
+    )
+
+
 def prepare_pictures(
     encoder,
     corpus,
@@ -439,11 +476,14 @@ def prepare_pictures(
     limit: int | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    stored: StoredEmbeddings | None = None,
 ) -> PictureData:
     """Encode a corpus split with the model and resize it for the generator.
 
     ``split`` is ``"train"``, ``"test"`` or None for every image; ``limit``
-    keeps the first rows only.
+    keeps the first rows only. With ``stored`` the embeddings are read from
+    a build of the same model instead of encoded again (a missing id raises
+    ``KeyError``).
     """
     table = corpus.table
     if split is not None:
@@ -457,8 +497,13 @@ def prepare_pictures(
         desc=f"encode {split or 'all'}",
         disable=not progress,
     ):
-        images = [corpus.open_image(i) for i in ids[start : start + batch_size]]
-        embs.append(torch.as_tensor(encoder.encode_images(images)).float())
+        chunk = ids[start : start + batch_size]
+        images = [corpus.open_image(i) for i in chunk]
+        if stored is None:
+            embs.append(torch.as_tensor(encoder.encode_images(images)).float())
+        else:
+            rows = [stored.row_of[i] for i in chunk]
+            embs.append(torch.from_numpy(np.asarray(stored.acts_nd[rows])).float())
         pixels.append(pil_to_pictures(images, size))
     return PictureData(torch.cat(embs), torch.cat(pixels), ids)
 
@@ -483,8 +528,7 @@ def train_generator(
         GeneratorConfig(emb_nd.shape[1], config.image_size, config.channels)
     )
     tower = image_tower(encoder)
-    steps_per_epoch = math.ceil(len(emb_nd) / config.batch_size)
-    total = config.epochs * steps_per_epoch
+    total = total_steps(config, len(emb_nd))
     optimiser = torch.optim.AdamW(
         generator.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -494,32 +538,29 @@ def train_generator(
     history: list[dict] = []
     started = time.perf_counter()
     bar = tqdm(total=total, desc="generator", disable=not progress)
-    step = 0
-    for epoch in range(config.epochs):
-        sums = {"l1": 0.0, "clip": 0.0, "n_clip": 0}
+    step, epoch = 0, 0
+    while step < total:
+        sums = {"l1": 0.0, "clip": 0.0, "n": 0}
         order = torch.randperm(len(emb_nd), generator=gen)
         for start in range(0, len(order), config.batch_size):
             rows = order[start : start + config.batch_size]
-            use_clip = config.clip_weight > 0 and step % config.clip_every == 0
-            l1, clip = _train_step(
-                generator, tower, optimiser, data, rows, config, gen, use_clip
-            )
+            l1, clip = _train_step(generator, tower, optimiser, data, rows, config, gen)
             schedule.step()
-            sums["l1"] += l1 * len(rows)
-            if use_clip:
-                sums["clip"] += clip
-                sums["n_clip"] += 1
+            sums["l1"] += l1
+            sums["clip"] += clip
+            sums["n"] += 1
             step += 1
             bar.update(1)
             bar.set_postfix(l1=f"{l1:.4f}", clip=f"{clip:.3f}")
-        row = {
-            "epoch": epoch + 1,
-            "l1": sums["l1"] / len(emb_nd),
-            "clip_loss": sums["clip"] / max(sums["n_clip"], 1),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        history.append(row)
-        logger.info("epoch %d: l1 %.4f clip loss %.4f (%.0f s)", *row.values())
+            if step == total:
+                break
+        epoch += 1
+        history.append(_epoch_row(epoch, step, sums, started))
+        logger.info(
+            "epoch %(epoch)d (step %(step)d): l1 %(l1).4f clip loss "
+            "%(clip_loss).4f (%(seconds).0f s)",
+            history[-1],
+        )
     bar.close()
     generator.eval()
     return GeneratorTrainResult(
@@ -527,14 +568,32 @@ def train_generator(
     )
 
 
-def _lr_factor(step: int, total: int, warmup: int = 100) -> float:
+def total_steps(config: GeneratorTrainConfig, n_train: int) -> int:
+    """Optimiser steps of a run: ``config.steps``, else whole epochs."""
+    if config.steps is not None:
+        return int(config.steps)
+    return config.epochs * math.ceil(n_train / config.batch_size)
+
+
+def _epoch_row(epoch: int, step: int, sums: dict, started: float) -> dict:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "l1": sums["l1"] / max(sums["n"], 1),
+        "clip_loss": sums["clip"] / max(sums["n"], 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _lr_factor(step: int, total: int) -> float:
+    warmup = min(100, max(total // 5, 1))
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _train_step(generator, tower, optimiser, data, rows, config, gen, use_clip):
+def _train_step(generator, tower, optimiser, data, rows, config, gen):
     emb_nd = data.emb_nd[rows]
     target = data.pixels_n3hw[rows].float() / 255
     noisy_nd = emb_nd
@@ -546,9 +605,11 @@ def _train_step(generator, tower, optimiser, data, rows, config, gen, use_clip):
     l1 = (pictures - target).abs().mean()
     loss = l1
     clip = torch.zeros(())
-    if use_clip:
-        # Consistency with the clean embedding: the jitter must decode back.
-        clip = (1 - (tower(pictures) * emb_nd).sum(-1)).mean()
+    if config.clip_weight > 0 and config.clip_images > 0:
+        # Batches are shuffled, so the first rows are a random subset. The
+        # target is the clean embedding: the jitter must decode back.
+        n = config.clip_images
+        clip = (1 - (tower(pictures[:n]) * emb_nd[:n]).sum(-1)).mean()
         loss = loss + config.clip_weight * clip
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -637,10 +698,20 @@ def add_command(subparsers) -> None:
         help="weight of 1 - cos(tower(G(e)), e) against the L1 pixel loss",
     )
     train.add_argument(
-        "--clip-every",
+        "--clip-images",
         type=int,
-        default=defaults.clip_every,
-        help="apply the CLIP term on every n-th step only",
+        default=defaults.clip_images,
+        help="pictures per batch that go through the tower for the CLIP term",
+    )
+    train.add_argument(
+        "--steps", type=int, default=None, help="total steps (overrides --epochs)"
+    )
+    train.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="choose --steps to fit this many minutes, from a short speed probe "
+        "(the chosen steps are recorded, so the run can be repeated exactly)",
     )
     train.add_argument(
         "--noise", type=float, default=defaults.noise, help="embedding jitter norm"
@@ -649,6 +720,12 @@ def add_command(subparsers) -> None:
     train.add_argument("--threads", type=int, default=defaults.threads)
     train.add_argument(
         "--limit", type=int, default=None, help="use only the first N train images"
+    )
+    train.add_argument(
+        "--acts",
+        default=None,
+        help="a cache/<key> folder built with the same model: read the image "
+        "embeddings from it instead of encoding the corpus again",
     )
     train.add_argument(
         "--test-limit",
@@ -687,10 +764,11 @@ def _load_model_and_corpus(args):
 def _cmd_train(args) -> int:
     config = GeneratorTrainConfig(
         epochs=args.epochs,
+        steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         clip_weight=args.clip_weight,
-        clip_every=args.clip_every,
+        clip_images=args.clip_images,
         noise=args.noise,
         seed=args.seed,
         threads=args.threads,
@@ -698,8 +776,18 @@ def _cmd_train(args) -> int:
     )
     torch.set_num_threads(config.threads)
     encoder, corpus = _load_model_and_corpus(args)
-    train = prepare_pictures(encoder, corpus, "train", config.image_size, args.limit)
-    test = prepare_pictures(encoder, corpus, "test", config.image_size, args.test_limit)
+    stored = stored_embeddings(args.acts, encoder) if args.acts else None
+    train = prepare_pictures(
+        encoder, corpus, "train", config.image_size, args.limit, stored=stored
+    )
+    if args.minutes is not None:
+        config = dataclasses.replace(
+            config, steps=steps_for_minutes(encoder, train, config, args.minutes)
+        )
+        args.steps = config.steps
+    test = prepare_pictures(
+        encoder, corpus, "test", config.image_size, args.test_limit, stored=stored
+    )
     result = train_generator(encoder, train, config)
     mean_picture = train.pixels_n3hw.float().mean(0) / 255
     report = evaluate_generator(result.generator, encoder, test, mean_picture)
@@ -738,6 +826,34 @@ def _format_report(report: ReconstructionReport) -> str:
     )
 
 
+_REPRODUCE = {"model", "epochs", "steps", "batch_size", "lr", "clip_weight"} | {
+    "clip_images",
+    "noise",
+    "seed",
+    "threads",
+    "limit",
+}
+
+
+def steps_for_minutes(encoder, data: PictureData, config, minutes: float) -> int:
+    """Steps that fit ``minutes`` of training, measured on a throwaway model.
+
+    Times ``probe`` steps after one warm-up step on a copy of the setup (the
+    real run starts afresh from its seed), then scales.
+    """
+    probe = 4
+    trial = dataclasses.replace(config, steps=probe + 1, seed=config.seed + 1)
+    started = time.perf_counter()
+    train_generator(encoder, data, dataclasses.replace(trial, steps=1), False)
+    warm = time.perf_counter() - started
+    started = time.perf_counter()
+    train_generator(encoder, data, trial, False)
+    per_step = max((time.perf_counter() - started - warm) / probe, 1e-3)
+    steps = max(1, int(minutes * 60 / per_step))
+    logger.info("%.2f s per step: %d steps fit %.1f minutes", per_step, steps, minutes)
+    return steps
+
+
 def _training_notes(args, meta: dict) -> str:
     test = meta["test"]
     lines = [
@@ -751,10 +867,7 @@ def _training_notes(args, meta: dict) -> str:
         + " ".join(
             f"--{k.replace('_', '-')} {v}"
             for k, v in sorted(vars(args).items())
-            if k
-            in {"model", "epochs", "batch_size", "lr", "clip_weight", "clip_every"}
-            | {"noise", "seed", "threads", "limit"}
-            and v is not None
+            if k in _REPRODUCE and v is not None and not (k == "epochs" and args.steps)
         ),
         "```",
         "",
@@ -762,12 +875,13 @@ def _training_notes(args, meta: dict) -> str:
         f"`{meta['model']['fingerprint']}`); corpus: {meta['corpus']}; "
         f"{meta['n_train']} training images; {meta['seconds'] / 60:.1f} min.",
         "",
-        "| epoch | L1 | CLIP loss | seconds |",
-        "|---|---|---|---|",
+        "| epoch | step | L1 | CLIP loss | seconds |",
+        "|---|---|---|---|---|",
     ]
     for row in meta["history"]:
         lines.append(
-            f"| {row['epoch']} | {row['l1']:.4f} | {row['clip_loss']:.4f} "
+            f"| {row['epoch']} | {row['step']} | {row['l1']:.4f} "
+            f"| {row['clip_loss']:.4f} "
             f"| {row['seconds']} |"
         )
     lines += [
