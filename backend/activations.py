@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from backend.atomic import atomic_path
@@ -67,21 +68,34 @@ class ActivationConfig:
 
     chunk_rows: int = 2048
     image_batch: int = 64
-    text_batch: int = 256
+    text_batch: int = 64
 
 
-def build_items(corpus: Corpus) -> pd.DataFrame:
+def pick_captions(captions: list[str], limit: int | None) -> list[str]:
+    """At most ``limit`` captions, evenly spread over the list (first and last
+    kept), so a short name and a caption with the hierarchy words both stay."""
+    if limit is None or len(captions) <= limit:
+        return list(captions)
+    if limit < 1:
+        raise ValueError(f"captions per image must be >= 1 or None, got {limit}")
+    index = np.unique(np.linspace(0, len(captions) - 1, limit).round().astype(int))
+    return [captions[i] for i in index]
+
+
+def build_items(corpus: Corpus, captions_per_image: int | None = None) -> pd.DataFrame:
     """The items table: one row per image, then one per caption.
 
     ``pair_row`` links an image to its first caption and a caption to its
-    image (``-1`` for an image without captions).
+    image (``-1`` for an image without captions). ``captions_per_image``
+    keeps at most that many captions of each image (see
+    :func:`pick_captions`); None keeps all.
     """
     table = corpus.table.reset_index(drop=True)
     n_images = len(table)
     levels = {lv: table[lv].tolist() for lv in ("level0", "level1", "level2")}
     caption_image, caption_text = [], []
     for i, captions in enumerate(table["captions"]):
-        for caption in captions:
+        for caption in pick_captions(captions, captions_per_image):
             caption_image.append(i)
             caption_text.append(str(caption))
     caption_image = np.asarray(caption_image, np.int64)
@@ -145,8 +159,14 @@ def _encode_chunk(
     encoder: Encoder, corpus: Corpus, items: pd.DataFrame, config: ActivationConfig
 ) -> np.ndarray:
     if (items["modality"] == "text").all():
-        texts = items["text"].tolist()
-        acts = encoder.encode_texts(texts, batch_size=config.text_batch)
+        # Batches of similar length waste little on padding; undo the order.
+        texts = items["text"].to_numpy()
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        acts_sorted = encoder.encode_texts(
+            list(texts[order]), batch_size=config.text_batch
+        )
+        acts = torch.empty_like(acts_sorted)
+        acts[torch.from_numpy(order)] = acts_sorted
     else:
         images = [corpus.open_image(i) for i in items["corpus_id"]]
         acts = encoder.encode_images(images, batch_size=config.image_batch)

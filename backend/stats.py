@@ -163,13 +163,17 @@ class TraceStats:
 class SparseCounter:
     """Counts of int64 keys, compacted with :func:`group_sum` as the buffer grows.
 
-    Memory is bounded by the number of distinct keys plus one buffer.
+    The buffer is merged into the distinct keys once it holds more entries
+    than ``compact_at`` and than the distinct keys themselves, so each entry
+    is merged O(log) times and memory stays within about three times the
+    number of distinct keys.
     """
 
     def __init__(self, compact_at: int = 4_000_000) -> None:
         self._keys: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
         self._pending = 0
+        self._distinct = 0
         self._compact_at = compact_at
 
     def add(self, keys: np.ndarray) -> None:
@@ -178,7 +182,7 @@ class SparseCounter:
         self._keys.append(uniq)
         self._counts.append(counts.astype(np.int64))
         self._pending += uniq.size
-        if self._pending > self._compact_at:
+        if self._pending > max(self._compact_at, self._distinct):
             self._compact()
 
     def _compact(self) -> None:
@@ -186,7 +190,7 @@ class SparseCounter:
         counts = np.concatenate(self._counts) if self._counts else keys
         uniq, summed = group_sum(keys, counts)
         self._keys, self._counts = [uniq], [summed.astype(np.int64)]
-        self._pending = uniq.size
+        self._pending, self._distinct = 0, uniq.size
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted distinct keys and their counts."""

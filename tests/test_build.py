@@ -174,3 +174,13 @@ def test_killed_build_resumes_to_the_same_result(tiny_cache, tmp_path, tiny_mode
             pd.read_csv(tiny_cache / rel).drop(columns="seconds"),
         )
     assert not (folder / "activations" / "chunks").exists()
+
+
+def test_pick_captions_keeps_first_and_last():
+    from backend.activations import pick_captions
+
+    captions = ["name", "name, group", "a drawing of group: name", "rich name"]
+    assert pick_captions(captions, 2) == ["name", "rich name"]
+    assert pick_captions(captions, None) == captions
+    assert pick_captions(captions[:1], 2) == ["name"]
+    assert pick_captions(captions, 3) == [captions[0], captions[2], captions[3]]
