@@ -429,6 +429,7 @@ def _train(ctx: _Context, kind: str) -> tuple[list[str], dict]:
         seed=s.seed,
         log_every=max(1, min(50, s.steps // 10)),
         checkpoint_every=CHECKPOINT_EVERY,
+        threads=ctx.settings.threads or None,
     )
     # A killed build resumes training from the last checkpoint; the trainer
     # makes a resumed run equal to an uninterrupted one.
