@@ -9,6 +9,8 @@ corpus images before and after. The same seed gives the same result.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import streamlit as st
 import torch
@@ -22,6 +24,8 @@ from dashboard.loaders import CacheRef
 SOURCES = ("From the corpus", "Upload an image")
 METHODS = ("Text direction", "CLIP-guided", "Atom steering")
 TRAIN_COMMAND = ".venv/bin/python -m backend generator train --out assets/generator"
+# Folder of the generator; tests and other models point it elsewhere.
+GENERATOR_DIR_ENV = "ATLAS_GENERATOR_DIR"
 
 
 class Chosen:
@@ -38,9 +42,9 @@ def retrieval_index(ref: CacheRef) -> edits.RetrievalIndex:
 
 
 @st.cache_resource(show_spinner="Loading the generator ...", max_entries=2)
-def load_generator(fingerprint: str | None):
-    """The shipped generator, checked against the model's fingerprint."""
-    return gen.load_generator(gen.DEFAULT_DIR, fingerprint)
+def load_generator(directory: str, fingerprint: str | None):
+    """The generator in ``directory``, checked against the model's fingerprint."""
+    return gen.load_generator(directory, fingerprint)
 
 
 @st.cache_resource(show_spinner="Preparing the image tower ...", max_entries=2)
@@ -53,7 +57,8 @@ def generator_or_none(ref: CacheRef):
     """The generator for this cache's model, or None with a note saying why."""
     encoder = loaders.encoder(loaders.model_spec(ref))
     try:
-        return load_generator(gen.model_fingerprint(encoder))
+        directory = os.environ.get(GENERATOR_DIR_ENV, str(gen.DEFAULT_DIR))
+        return load_generator(directory, gen.model_fingerprint(encoder))
     except (FileNotFoundError, ValueError) as error:
         st.info(f"No pictures: {error}")
         st.code(TRAIN_COMMAND, language="bash")
