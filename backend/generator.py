@@ -468,6 +468,42 @@ def stored_embeddings(cache_dir: str | Path, encoder) -> StoredEmbeddings:
     )
 
 
+def corpus_embeddings(
+    encoder, corpus, cache_root: str | Path | None = None, progress: bool = True
+) -> StoredEmbeddings:
+    """CLIP image embeddings of every corpus image, computed once and kept.
+
+    Stored in ``<cache_root>/embeddings/images-<model fp>-<corpus fp>.npz``
+    (ids and float32 embeddings, written atomically), so that training the
+    generator and evaluating edits encode the corpus only once per model.
+    """
+    from backend import CACHE_ROOT
+
+    corpus_fp = corpus.fingerprint()
+    name = f"images-{model_fingerprint(encoder)}-{corpus_fp}.npz"
+    path = Path(cache_root or CACHE_ROOT) / "embeddings" / name
+    if path.exists():
+        with np.load(path) as stored:
+            ids, acts_nd = list(stored["ids"]), stored["acts"]
+    else:
+        ids = list(corpus.table["id"])
+        acts_nd = _encode_ids(encoder, corpus, ids, progress).numpy()
+        with atomic_path(path) as tmp:
+            np.savez(tmp, ids=np.array(ids), acts=acts_nd)
+        logger.info("stored %d image embeddings in %s", len(ids), path)
+    return StoredEmbeddings(acts_nd, {i: row for row, i in enumerate(ids)})
+
+
+def _encode_ids(encoder, corpus, ids, progress, batch_size: int = 256) -> torch.Tensor:
+    chunks = []
+    for start in tqdm(
+        range(0, len(ids), batch_size), desc="encode corpus", disable=not progress
+    ):
+        images = [corpus.open_image(i) for i in ids[start : start + batch_size]]
+        chunks.append(torch.as_tensor(encoder.encode_images(images)).float())
+    return torch.cat(chunks)
+
+
 def prepare_pictures(
     encoder,
     corpus,
@@ -725,7 +761,13 @@ def add_command(subparsers) -> None:
         "--acts",
         default=None,
         help="a cache/<key> folder built with the same model: read the image "
-        "embeddings from it instead of encoding the corpus again",
+        "embeddings from it (default: encode the corpus once and keep the "
+        "embeddings in cache/embeddings/)",
+    )
+    train.add_argument(
+        "--cache-root",
+        default=None,
+        help="where cache/embeddings/ lives (default: the project's cache/)",
     )
     train.add_argument(
         "--test-limit",
@@ -776,7 +818,10 @@ def _cmd_train(args) -> int:
     )
     torch.set_num_threads(config.threads)
     encoder, corpus = _load_model_and_corpus(args)
-    stored = stored_embeddings(args.acts, encoder) if args.acts else None
+    if args.acts:
+        stored = stored_embeddings(args.acts, encoder)
+    else:
+        stored = corpus_embeddings(encoder, corpus, args.cache_root)
     train = prepare_pictures(
         encoder, corpus, "train", config.image_size, args.limit, stored=stored
     )

@@ -29,7 +29,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def small_data(encoder, corpus):
-    return gen.prepare_pictures(encoder, corpus, "train", 64, limit=24, progress=False)
+    return gen.prepare_pictures(encoder, corpus, "train", 64, limit=16, progress=False)
 
 
 TINY = gen.GeneratorTrainConfig(
@@ -75,13 +75,9 @@ def test_training_lowers_both_losses_and_repeats_for_a_seed(encoder, small_data)
         assert torch.equal(a, b)
 
 
-def test_save_load_round_trip_and_model_check(encoder, small_data, tmp_path):
-    model = gen.train_generator(
-        encoder,
-        small_data,
-        gen.GeneratorTrainConfig(**{**TINY.__dict__, "epochs": 1}),
-        progress=False,
-    ).generator
+def test_save_load_round_trip_and_model_check(tmp_path):
+    torch.manual_seed(0)
+    model = gen.Generator(gen.GeneratorConfig(embed_dim=20, channels=TINY.channels))
     meta = {"model": {"spec": "x", "fingerprint": "abc"}}
     gen.save_generator(model, tmp_path, meta)
     loaded = gen.load_generator(tmp_path, model_fingerprint="abc")
@@ -106,34 +102,34 @@ def test_atom_picture_decodes_bias_plus_scaled_atom():
         gen.atom_picture(sae, model, atom=30)
 
 
-def test_train_command_writes_weights_config_and_notes(tmp_path, tiny_model):
+def folder_corpus(root, corpus, n_train: int = 12, n_test: int = 4):
+    """A folder of real corpus images with a captions.csv fixing the split."""
+    rows = ["file,caption,split"]
+    for i, cid in enumerate(corpus.table["id"][: n_train + n_test]):
+        corpus.open_image(cid).save(root / f"{i}.png")
+        split = "train" if i < n_train else "test"
+        rows.append(f"{i}.png,{corpus.table['captions'].iloc[i][0]},{split}")
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_train_command_writes_weights_config_and_notes(tmp_path, tiny_model, corpus):
     from backend.cli import main
 
+    (tmp_path / "images").mkdir()
+    images = folder_corpus(tmp_path / "images", corpus)
     out = tmp_path / "gen"
-    code = main(
-        [
-            "generator",
-            "train",
-            "--model",
-            tiny_model,
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--limit",
-            "16",
-            "--test-limit",
-            "16",
-            "--batch-size",
-            "8",
-        ]
-    )
-    assert code == 0
+    args = ["generator", "train", "--model", tiny_model, "--corpus", str(images)]
+    args += ["--out", str(out), "--cache-root", str(tmp_path / "cache")]
+    args += ["--epochs", "1", "--batch-size", "8"]
+    assert main(args) == 0
     meta = json.loads((out / "config.json").read_text())
-    assert meta["n_train"] == 16 and meta["test"]["n"] == 16
+    assert meta["n_train"] == 12 and meta["test"]["n"] == 4
     assert (out / "weights.safetensors").stat().st_size > 0
     notes = (out / "TRAINING.md").read_text()
-    assert "python -m backend generator train" in notes and "--limit 16" in notes
+    assert "python -m backend generator train" in notes and "--epochs 1" in notes
+    # The corpus embeddings were kept for the next run.
+    assert len(list((tmp_path / "cache" / "embeddings").glob("images-*.npz"))) == 1
 
 
 def test_shipped_generator_beats_a_constant_picture(encoder, corpus):
