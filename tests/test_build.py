@@ -184,3 +184,19 @@ def test_pick_captions_keeps_first_and_last():
     assert pick_captions(captions, None) == captions
     assert pick_captions(captions[:1], 2) == ["name"]
     assert pick_captions(captions, 3) == [captions[0], captions[2], captions[3]]
+
+
+def test_build_with_a_given_sae(tiny_cache, tmp_path, tiny_model):
+    """``--sae PATH`` uses those weights as they are and trains only the TopK."""
+    folder = build_cache(
+        model=tiny_model,
+        settings=TINY_SETTINGS,
+        cache_root=tmp_path,
+        limit=TINY_IMAGES,
+        sae_path=tiny_cache / "sae" / "mp",
+    )
+    assert folder.name != tiny_cache.name  # the SAE's checksums are in the key
+    manifest = cache.open_cache(folder)
+    assert manifest["stages"]["train_mp"]["loaded_from"].endswith("sae/mp")
+    for rel in ("sae/mp/weights.safetensors", "codes/mp_atoms.npy"):
+        assert (folder / rel).read_bytes() == (tiny_cache / rel).read_bytes()
