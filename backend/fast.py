@@ -51,6 +51,15 @@ KEY_BLOCK = 256
 GROUP = 4
 STRIDE = 64
 
+# G is stored as int16 fixed point, round(G * GRAM_SCALE): half the memory
+# traffic of float32, an absolute error of at most 0.5 / GRAM_SCALE per entry.
+GRAM_SCALE = 32767.0
+# Error added to the correlation bound per unit of coefficient and step
+# (quantisation plus float32 rounding of the update), and the float32
+# rounding slack per step relative to |x - b|.
+ERROR_PER_COEF = 0.5 / GRAM_SCALE + 2.0**-20
+ROUNDING = 2.0**-18
+
 
 @numba.njit(cache=True, inline="always")
 def _key(bits, nonnegative):
@@ -74,24 +83,14 @@ def _block_max(bits_m, start, stop, nonnegative):
 
 
 @numba.njit(cache=True, inline="always")
-def _argmax(c_m, nonnegative, block_max):
-    """First index of ``max c`` (``nonnegative``) or of ``max |c|``."""
+def _block_maxima(c_m, nonnegative, block_max):
+    """Fill ``block_max`` with the largest key of each block of ``c_m``."""
     bits_m = c_m.view(np.int32)
     m = c_m.shape[0]
-    n_blocks = block_max.shape[0]
-    for b in range(n_blocks):
+    for b in range(block_max.shape[0]):
         block_max[b] = _block_max(
             bits_m, b * KEY_BLOCK, min((b + 1) * KEY_BLOCK, m), nonnegative
         )
-    best_block = 0
-    for b in range(1, n_blocks):
-        if block_max[b] > block_max[best_block]:
-            best_block = b
-    best = block_max[best_block]
-    for q in range(best_block * KEY_BLOCK, min((best_block + 1) * KEY_BLOCK, m)):
-        if _key(bits_m[q], nonnegative) == best:
-            return q
-    return best_block * KEY_BLOCK
 
 
 @numba.njit(cache=True, inline="always")
@@ -99,9 +98,50 @@ def _score(value, nonnegative):
     return value if nonnegative else abs(value)
 
 
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _dot(a_d, b_d):
+    total = np.float32(0.0)
+    for e in range(a_d.shape[0]):
+        total += a_d[e] * b_d[e]
+    return total
+
+
+@numba.njit(cache=True, inline="always")
+def _verified_pick(c_m, atoms_md, residual_d, error, nonnegative, block_max, scratch):
+    """The pick of the exact pursuit, from approximate correlations.
+
+    Every entry of ``c_m`` is within ``error`` of ``<r, D_q>``. Entries whose
+    score is within ``2 * error`` of the largest could be the true best: their
+    exact correlations are computed from the residual (and written back),
+    and the best exact one wins (first index on ties). Returns the pick and
+    its exact correlation.
+    """
+    _block_maxima(c_m, nonnegative, block_max)
+    # Key -> float: the key transform is its own inverse.
+    top = block_max.max()
+    scratch[0] = top ^ ((top >> 31) & 0x7FFFFFFF)
+    threshold = _score(scratch.view(np.float32)[0], nonnegative) - 2.0 * error
+    # Blocks below this key cannot hold a candidate (lowered a little so that
+    # rounding the threshold to float32 never excludes one).
+    scratch.view(np.float32)[0] = np.float32(threshold - abs(threshold) * 1e-6)
+    floor = _key(scratch[0], nonnegative) if threshold >= 0 or nonnegative else -1
+    pick = -1
+    best = -np.inf
+    for b in range(block_max.shape[0]):
+        if block_max[b] < floor:
+            continue
+        for q in range(b * KEY_BLOCK, min((b + 1) * KEY_BLOCK, c_m.shape[0])):
+            if _score(c_m[q], nonnegative) >= threshold:
+                c_m[q] = _dot(residual_d, atoms_md[q])
+                if _score(c_m[q], nonnegative) > best:
+                    best = _score(c_m[q], nonnegative)
+                    pick = q
+    return pick, c_m[pick]
+
+
 def _gram_pursuit(
     corr_nm,
-    gram_mm,
+    gram_qmm,
     centred_nd,
     atoms_md,
     stop_n,
@@ -113,14 +153,19 @@ def _gram_pursuit(
 ):
     """Pursue every input for at most ``k`` steps through the Gram matrix.
 
-    ``corr_nm`` holds ``D (x - b)`` and is overwritten; ``centred_nd`` holds
-    ``x - b`` and becomes the residual. ``stop_n`` is the residual norm at or
-    below which an input stops (``-1`` for no threshold). Fills ``atoms_nk``
-    (-1 after a stop), ``coefs_nk`` and ``norms_nk1``.
+    ``corr_nm`` holds ``D (x - b)`` and is overwritten; ``gram_qmm`` is
+    ``round(G * GRAM_SCALE)`` as int16; ``centred_nd`` holds ``x - b`` and
+    becomes the residual. ``stop_n`` is the residual norm at or below which
+    an input stops (``-1`` for no threshold). Fills ``atoms_nk`` (-1 after a
+    stop), ``coefs_nk`` and ``norms_nk1``.
 
-    Inputs go in groups of GROUP that step together: their ``G`` rows are
-    read interleaved, STRIDE entries at a time, which keeps several memory
-    streams in flight (the update is bound by memory, not arithmetic).
+    Each input carries a bound on how far its updated correlations may be
+    from the exact ones (half a quantisation step of ``G`` and float32
+    rounding, per unit of coefficient); picks are verified against it, so
+    the quantised ``G`` changes the cost, not the picks. Inputs go in groups
+    of GROUP that step together: their ``G`` rows are read interleaved,
+    STRIDE entries at a time, keeping several memory streams in flight (the
+    update is bound by memory, not arithmetic).
     """
     n, m = corr_nm.shape
     n_blocks = (m + KEY_BLOCK - 1) // KEY_BLOCK
@@ -128,16 +173,29 @@ def _gram_pursuit(
         first = group * GROUP
         size = min(GROUP, n - first)
         block_max = np.empty(n_blocks, dtype=np.int32)
+        scratch = np.empty(1, dtype=np.int32)
         picks = np.zeros(GROUP, dtype=np.int64)
         coefs = np.zeros(GROUP, dtype=np.float32)
         live = np.zeros(GROUP, dtype=np.bool_)
         r2s = np.zeros(GROUP, dtype=np.float64)
+        errors = np.zeros(GROUP, dtype=np.float64)
+        slack = np.zeros(GROUP, dtype=np.float64)
         for s in range(size):
             i = first + s
             for v in centred_nd[i]:
                 r2s[s] += np.float64(v) * v
             norms_nk1[i, 0] = math.sqrt(r2s[s])
-            picks[s] = _argmax(corr_nm[i], nonnegative, block_max)
+            slack[s] = ROUNDING * norms_nk1[i, 0]
+            errors[s] = slack[s]
+            picks[s], coefs[s] = _verified_pick(
+                corr_nm[i],
+                atoms_md,
+                centred_nd[i],
+                errors[s],
+                nonnegative,
+                block_max,
+                scratch,
+            )
             live[s] = True
         for t in range(k):
             n_live = 0
@@ -148,7 +206,6 @@ def _gram_pursuit(
                         first + s,
                         t,
                         k,
-                        corr_nm,
                         centred_nd,
                         atoms_md,
                         stop_n,
@@ -161,20 +218,29 @@ def _gram_pursuit(
                         norms_nk1,
                     )
                     n_live += live[s]
-            if n_live == 0:
+            if n_live == 0 or t == k - 1:
                 break
             for start in range(0, m, STRIDE):
                 stop = min(start + STRIDE, m)
                 for s in range(size):
                     if live[s]:
                         c_m = corr_nm[first + s]
-                        g_m = gram_mm[picks[s]]
-                        coef = coefs[s]
+                        g_m = gram_qmm[picks[s]]
+                        scaled = coefs[s] * np.float32(1.0 / GRAM_SCALE)
                         for q in range(start, stop):
-                            c_m[q] -= coef * g_m[q]
+                            c_m[q] -= scaled * np.float32(g_m[q])
             for s in range(size):
                 if live[s]:
-                    picks[s] = _argmax(corr_nm[first + s], nonnegative, block_max)
+                    errors[s] += abs(coefs[s]) * ERROR_PER_COEF + slack[s]
+                    picks[s], coefs[s] = _verified_pick(
+                        corr_nm[first + s],
+                        atoms_md,
+                        centred_nd[first + s],
+                        errors[s],
+                        nonnegative,
+                        block_max,
+                        scratch,
+                    )
 
 
 @numba.njit(cache=True, inline="always")
@@ -183,7 +249,6 @@ def _record_step(
     i,
     t,
     k,
-    corr_nm,
     centred_nd,
     atoms_md,
     stop_n,
@@ -197,8 +262,8 @@ def _record_step(
 ):
     """Take step ``t`` of input ``i`` (slot ``s``), or stop it; True if taken."""
     norm = math.sqrt(r2s[s])
-    coef = corr_nm[i, picks[s]]
-    if norm <= stop_n[i] or not _score(coef, nonnegative) > 0:
+    coef = coefs[s]
+    if picks[s] < 0 or norm <= stop_n[i] or not _score(coef, nonnegative) > 0:
         for u in range(t, k):
             atoms_nk[i, u] = -1
             coefs_nk[i, u] = 0.0
@@ -206,7 +271,6 @@ def _record_step(
         return False
     atoms_nk[i, t] = picks[s]
     coefs_nk[i, t] = coef
-    coefs[s] = coef
     r2s[s] = max(r2s[s] - np.float64(coef) * coef, 0.0)
     norms_nk1[i, t + 1] = math.sqrt(r2s[s])
     for e in range(centred_nd.shape[1]):
@@ -224,12 +288,12 @@ PARALLEL_MIN_WORK = 1 << 23
 
 
 def gram_bytes(n_atoms: int) -> int:
-    """Bytes of the float32 Gram matrix of ``n_atoms`` atoms."""
-    return 4 * n_atoms * n_atoms
+    """Bytes of the (int16) Gram matrix of ``n_atoms`` atoms."""
+    return 2 * n_atoms * n_atoms
 
 
 def gram_matrix(sae: SparseAutoencoder) -> np.ndarray:
-    """``G = D D^T`` as float32 numpy, cached until the atoms change."""
+    """``round(D D^T * GRAM_SCALE)`` as int16 numpy, cached until the atoms change."""
     atoms_md = sae.atoms_md
     key = (atoms_md._version, atoms_md.data_ptr())
     cached = _GRAM_CACHE.get(sae)
@@ -237,7 +301,8 @@ def gram_matrix(sae: SparseAutoencoder) -> np.ndarray:
         return cached[1]
     with torch.no_grad():
         atoms_md = atoms_md.detach().float().cpu()
-        gram_mm = (atoms_md @ atoms_md.T).numpy()
+        gram_mm = (atoms_md @ atoms_md.T).mul_(GRAM_SCALE).round_()
+        gram_mm = gram_mm.clamp_(-GRAM_SCALE, GRAM_SCALE).to(torch.int16).numpy()
     _GRAM_CACHE[sae] = (key, gram_mm)
     return gram_mm
 
