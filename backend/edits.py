@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -877,10 +876,22 @@ def add_command(subparsers) -> None:
         "test image's category towards a sibling category), apply each edit "
         "method, and report how often the edited embedding, and the "
         "generator's picture of it encoded again, has an image of the target "
-        "category among its nearest corpus images.",
+        "category among its nearest corpus images. Embeddings of the corpus "
+        "images are computed once per model and kept in cache/embeddings/.",
+    )
+    evaluate.add_argument("--model", default="mini", help="model spec (default mini)")
+    evaluate.add_argument(
+        "--corpus", default=None, help="corpus spec: default, or a folder of images"
     )
     evaluate.add_argument(
-        "--cache", default=None, help="cache/<key> folder (default: newest build)"
+        "--sae",
+        default=None,
+        help="MP-SAE folder for the atom steering row (e.g. cache/<key>/sae/mp)",
+    )
+    evaluate.add_argument(
+        "--cache-root",
+        default=None,
+        help="where cache/embeddings/ lives (default: the project's cache/)",
     )
     evaluate.add_argument(
         "--generator", default=None, help="generator folder (default assets/generator)"
@@ -908,39 +919,38 @@ def add_command(subparsers) -> None:
 
 def _cmd_evaluate(args) -> int:
     from backend.atomic import write_json
-    from backend.cache import latest_cache, open_cache
     from backend.corpus import load_corpus
-    from backend.generator import DEFAULT_DIR, load_generator, model_fingerprint
+    from backend.generator import (
+        DEFAULT_DIR,
+        corpus_embeddings,
+        load_generator,
+        model_fingerprint,
+    )
     from backend.models import resolve_model
-    from backend.sae import load_sae
 
     torch.set_num_threads(args.threads)
-    cache_dir = Path(args.cache) if args.cache else latest_cache()
-    if cache_dir is None:
-        raise SystemExit("no built cache; build one with: python -m backend build")
-    manifest = open_cache(cache_dir, verify=False)
-    inputs = manifest["inputs"]
-    encoder = resolve_model(_spec(inputs["model"]))
-    corpus_spec = _spec(inputs.get("corpus"))
-    meta = load_corpus(None if corpus_spec in (None, "default") else corpus_spec).meta
-    catch_all = tuple(meta.get("catch_all_level0", DEFAULT_CATCH_ALL))
-    sae = load_sae(cache_dir / "sae" / "mp")
-    items = pd.read_parquet(cache_dir / "activations" / "items.parquet")
-    acts_nd = np.load(cache_dir / "activations" / "acts.npy", mmap_mode="r")
+    encoder = resolve_model(args.model)
+    corpus = load_corpus(args.corpus)
+    catch_all = tuple(corpus.meta.get("catch_all_level0", DEFAULT_CATCH_ALL))
+    stored = corpus_embeddings(encoder, corpus, args.cache_root)
+    items = corpus_items(corpus, stored.row_of)
+    acts_nd = np.asarray(stored.acts_nd, dtype=np.float32)
+    sae = _evaluation_sae(args, encoder)
     generator = None
     if not args.no_pictures:
         generator = load_generator(
             args.generator or DEFAULT_DIR, model_fingerprint(encoder)
         )
     pairs = edit_pairs(items, args.pairs, args.seed, catch_all)
-    methods = {
+    methods: dict[str, EditMethod | None] = {
         "no edit": None,
         f"text direction (alpha {args.alpha})": TextDirection(alpha=args.alpha),
         "CLIP-guided": ClipGuided(),
-        f"atom steering (add {args.steer_strength})": AtomSteering(
-            0, "add", args.steer_strength
-        ),
     }
+    if sae is not None:
+        methods[f"atom steering (add {args.steer_strength})"] = AtomSteering(
+            0, "add", args.steer_strength
+        )
     rows = evaluate_edits(
         pairs,
         methods,
@@ -951,12 +961,15 @@ def _cmd_evaluate(args) -> int:
         generator=generator,
         top=args.top,
     )
-    print(_format_rows(rows, pairs, args.top, cache_dir))
+    print(_format_rows(rows, pairs, args.top, corpus.name))
+    if sae is None:
+        print("atom steering: skipped (no MP-SAE for this model; pass --sae DIR)")
     if args.json:
         write_json(
             args.json,
             {
-                "cache": str(cache_dir),
+                "model": args.model,
+                "corpus": corpus.name,
                 "pairs": [p._asdict() for p in pairs],
                 "top": args.top,
                 "rows": [r._asdict() for r in rows],
@@ -965,13 +978,47 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def corpus_items(corpus, row_of: dict[str, int]) -> pd.DataFrame:
+    """A corpus table in the shape of a cache's image rows (``items.parquet``).
+
+    ``row`` is each image's row in the embedding matrix ``row_of`` indexes.
+    """
+    table = corpus.table
+    return pd.DataFrame(
+        {
+            "row": [row_of[i] for i in table["id"]],
+            "modality": "image",
+            "corpus_id": table["id"].to_numpy(),
+            "split": table["split"].to_numpy(),
+            "level0": table["level0"].to_numpy(),
+            "level1": table["level1"].to_numpy(),
+            "level2": table["level2"].to_numpy(),
+        }
+    )
+
+
+def _evaluation_sae(args, encoder):
+    """The MP-SAE for the steering row: ``--sae DIR``, else None."""
+    if not args.sae:
+        return None
+    from backend.sae import load_sae
+
+    sae = load_sae(args.sae)
+    if sae.d != encoder.card.embed_dim:
+        raise ValueError(
+            f"the SAE in {args.sae} reads width {sae.d}, the model gives "
+            f"{encoder.card.embed_dim}; pass an SAE trained on this model"
+        )
+    return sae
+
+
 def _spec(value) -> str | None:
     return value.get("spec") if isinstance(value, dict) else value
 
 
-def _format_rows(rows, pairs, top, cache_dir) -> str:
+def _format_rows(rows, pairs, top, corpus_name) -> str:
     lines = [
-        f"{len(pairs)} held-out edit pairs from {cache_dir} "
+        f"{len(pairs)} held-out edit pairs from {corpus_name} "
         f"(e.g. {pairs[0].source_text!r} -> {pairs[0].target_text!r})"
         if pairs
         else "no edit pairs",
