@@ -110,13 +110,13 @@ def _dot(a_d, b_d):
 def _verified_pick(c_m, atoms_md, residual_d, error, nonnegative, block_max, scratch):
     """The pick of the exact pursuit, from approximate correlations.
 
-    Every entry of ``c_m`` is within ``error`` of ``<r, D_q>``. Entries whose
+    ``block_max`` holds the largest key of each block of ``c_m``. Every entry
+    of ``c_m`` is within ``error`` of ``<r, D_q>``. Entries whose
     score is within ``2 * error`` of the largest could be the true best: their
     exact correlations are computed from the residual (and written back),
     and the best exact one wins (first index on ties). Returns the pick and
     its exact correlation.
     """
-    _block_maxima(c_m, nonnegative, block_max)
     # Key -> float: the key transform is its own inverse.
     top = block_max.max()
     scratch[0] = top ^ ((top >> 31) & 0x7FFFFFFF)
@@ -172,7 +172,7 @@ def _gram_pursuit(
     for group in numba.prange((n + GROUP - 1) // GROUP):
         first = group * GROUP
         size = min(GROUP, n - first)
-        block_max = np.empty(n_blocks, dtype=np.int32)
+        block_max = np.empty((GROUP, n_blocks), dtype=np.int32)
         scratch = np.empty(1, dtype=np.int32)
         picks = np.zeros(GROUP, dtype=np.int64)
         coefs = np.zeros(GROUP, dtype=np.float32)
@@ -187,13 +187,14 @@ def _gram_pursuit(
             norms_nk1[i, 0] = math.sqrt(r2s[s])
             slack[s] = ROUNDING * norms_nk1[i, 0]
             errors[s] = slack[s]
+            _block_maxima(corr_nm[i], nonnegative, block_max[s])
             picks[s], coefs[s] = _verified_pick(
                 corr_nm[i],
                 atoms_md,
                 centred_nd[i],
                 errors[s],
                 nonnegative,
-                block_max,
+                block_max[s],
                 scratch,
             )
             live[s] = True
@@ -220,15 +221,28 @@ def _gram_pursuit(
                     n_live += live[s]
             if n_live == 0 or t == k - 1:
                 break
-            for start in range(0, m, STRIDE):
-                stop = min(start + STRIDE, m)
+            # One pass per block: update it from G, then take its maximum key
+            # while it is in cache.
+            for b in range(n_blocks):
+                block_start = b * KEY_BLOCK
+                block_stop = min(block_start + KEY_BLOCK, m)
+                for start in range(block_start, block_stop, STRIDE):
+                    stop = min(start + STRIDE, block_stop)
+                    for s in range(size):
+                        if live[s]:
+                            c_m = corr_nm[first + s]
+                            g_m = gram_qmm[picks[s]]
+                            scaled = coefs[s] * np.float32(1.0 / GRAM_SCALE)
+                            for q in range(start, stop):
+                                c_m[q] -= scaled * np.float32(g_m[q])
                 for s in range(size):
                     if live[s]:
-                        c_m = corr_nm[first + s]
-                        g_m = gram_qmm[picks[s]]
-                        scaled = coefs[s] * np.float32(1.0 / GRAM_SCALE)
-                        for q in range(start, stop):
-                            c_m[q] -= scaled * np.float32(g_m[q])
+                        block_max[s, b] = _block_max(
+                            corr_nm[first + s].view(np.int32),
+                            block_start,
+                            block_stop,
+                            nonnegative,
+                        )
             for s in range(size):
                 if live[s]:
                     errors[s] += abs(coefs[s]) * ERROR_PER_COEF + slack[s]
@@ -238,7 +252,7 @@ def _gram_pursuit(
                         centred_nd[first + s],
                         errors[s],
                         nonnegative,
-                        block_max,
+                        block_max[s],
                         scratch,
                     )
 
