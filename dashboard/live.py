@@ -26,8 +26,9 @@ class Code(NamedTuple):
     ``atoms_k`` (-1 after a stop), ``coefficients_k``, ``residual_norms_k1``
     (``|x - b|`` then the norm after each step), ``recon_kd`` (the running
     reconstruction ``b + sum of the first t picks`` after each step t),
-    ``x_d`` (the input) and ``energy`` (``|x - m|^2`` with ``m`` the mean
-    activation of the input's modality, the cache's FVU denominator).
+    ``x_d`` (the input), ``energy`` (``|x - m|^2`` with ``m`` the mean
+    activation of the input's modality, the cache's FVU denominator), and
+    the SAE ``kind`` and input ``modality``.
     """
 
     atoms_k: np.ndarray
@@ -36,6 +37,8 @@ class Code(NamedTuple):
     recon_kd: np.ndarray
     x_d: np.ndarray
     energy: float
+    kind: str
+    modality: str
 
     @property
     def n_steps(self) -> int:
@@ -107,9 +110,7 @@ def code_of(
     result = encode(ref, x_d[None, :], kind, k, threshold)
     atoms_k = result.atoms[0].cpu().numpy()
     coefficients_k = result.coefficients[0].cpu().numpy()
-    model = loaders.sae(ref, kind)
-    atoms_md = model.atoms_md.detach().cpu().numpy()
-    bias_d = model.bias_d.detach().cpu().numpy()
+    atoms_md, bias_d = loaders.dictionary(ref, kind)
     picked_kd = atoms_md[np.maximum(atoms_k, 0)] * coefficients_k[:, None]
     picked_kd[atoms_k < 0] = 0.0
     recon_kd = bias_d + np.cumsum(picked_kd, axis=0)
@@ -119,41 +120,65 @@ def code_of(
         x_d[None, :] - np.vstack([bias_d[None, :], recon_kd]), axis=1
     )
     energy = float(np.sum((x_d - loaders.modality_means(ref)[modality]) ** 2))
-    return Code(atoms_k, coefficients_k, norms_k1, recon_kd, x_d, energy)
-
-
-def nearest_rows(
-    queries_qd: np.ndarray, acts_nd: np.ndarray, exclude: int | None = None
-) -> np.ndarray:
-    """Row of the corpus activation with the highest cosine to each query."""
-    norms_q = np.linalg.norm(queries_qd, axis=1, keepdims=True)
-    cosines_qn = (queries_qd / np.maximum(norms_q, 1e-12)) @ acts_nd.T
-    if exclude is not None:
-        cosines_qn[:, exclude] = -np.inf
-    return cosines_qn.argmax(axis=1)
+    return Code(
+        atoms_k, coefficients_k, norms_k1, recon_kd, x_d, energy, kind, modality
+    )
 
 
 def nearest_items(
     ref: CacheRef,
-    query_d: np.ndarray,
-    modality: str,
-    n: int = 4,
+    queries_qd: np.ndarray,
+    counts: dict[str, int],
     exclude: int | None = None,
-) -> pd.DataFrame:
-    """The ``n`` corpus activations of ``modality`` closest (cosine) to a query.
+) -> dict[str, list[pd.DataFrame]]:
+    """For each query, the activations of each modality with top cosine.
 
-    Returns rows with columns row, cosine, corpus_id and text.
+    ``counts`` maps a modality to how many items to return for it. One pass
+    over the activation matrix serves every query and modality, and the
+    answer is cached by the queries' values (a rerun, or a k that leaves the
+    viewed step unchanged, costs no search). Each result has columns row,
+    cosine, corpus_id and text.
     """
-    data = loaders.items(ref)
-    rows = loaders.modality_rows(ref)[modality]
+    queries_qd = np.ascontiguousarray(queries_qd, dtype=np.float32)
+    return _nearest_items(
+        ref, queries_qd.tobytes(), queries_qd.shape, tuple(counts.items()), exclude
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _nearest_items(
+    ref: CacheRef,
+    queries_bytes: bytes,
+    shape: tuple[int, int],
+    counts: tuple[tuple[str, int], ...],
+    exclude: int | None,
+) -> dict[str, list[pd.DataFrame]]:
+    queries_qd = np.frombuffer(queries_bytes, dtype=np.float32).reshape(shape)
+    norms_q = np.maximum(np.linalg.norm(queries_qd, axis=1), 1e-12)
+    cosines_nq = (loaders.acts(ref) @ queries_qd.T) / norms_q
     if exclude is not None:
-        rows = rows[rows != exclude]
-    acts_nd = loaders.acts(ref)
-    query_d = query_d / max(float(np.linalg.norm(query_d)), 1e-12)
-    cosines = acts_nd[rows] @ query_d
-    best = np.argsort(-cosines)[:n]
-    found = data.loc[rows[best], ["row", "corpus_id", "text"]].copy()
-    found.insert(1, "cosine", cosines[best])
+        cosines_nq[exclude] = -np.inf
+    data = loaders.items(ref)
+    corpus_ids, texts = data["corpus_id"].to_numpy(), data["text"].to_numpy()
+    found = {}
+    for modality, n in counts:
+        rows = loaders.modality_rows(ref)[modality]
+        found[modality] = []
+        for cosines in cosines_nq[rows].T:
+            best = np.argpartition(-cosines, min(n, len(rows) - 1))[:n]
+            best = best[np.argsort(-cosines[best])]
+            best = best[np.isfinite(cosines[best])]
+            picked = rows[best]
+            found[modality].append(
+                pd.DataFrame(
+                    {
+                        "row": picked,
+                        "cosine": cosines[best],
+                        "corpus_id": corpus_ids[picked],
+                        "text": texts[picked],
+                    }
+                )
+            )
     return found
 
 
@@ -180,17 +205,84 @@ def step_table(
         }
     )
     if with_neighbors and n:
-        acts_nd = loaders.acts(ref)
-        names = loaders.item_names(ref)
-        recon_kd = code.recon_kd[:n]
-        residual_kd = code.x_d[None, :] - recon_kd
-        steps["nearest to reconstruction"] = names.iloc[
-            nearest_rows(recon_kd, acts_nd, exclude)
-        ].to_numpy()
-        steps["nearest to residual"] = names.iloc[
-            nearest_rows(residual_kd, acts_nd, exclude)
-        ].to_numpy()
+        names = loaders.item_names(ref).to_numpy()
+        near = nearest_for(ref, code, exclude)
+        steps["nearest to reconstruction"] = names[near.reconstruction_k]
+        steps["nearest to residual"] = names[near.residual_k]
     return steps
+
+
+class Nearest(NamedTuple):
+    """Corpus rows nearest to the reconstruction and to the residual, per step."""
+
+    reconstruction_k: np.ndarray
+    residual_k: np.ndarray
+
+
+def max_steps(ref: CacheRef) -> int:
+    """The largest k the pages offer: 64, or twice the build's k if larger."""
+    return max(64, 2 * int(loaders.traces(ref, "mp").atoms_nk.shape[1]))
+
+
+@st.cache_data(show_spinner="Finding the nearest corpus items ...", max_entries=64)
+def _nearest_full(
+    ref: CacheRef, x_bytes: bytes, modality: str, kind: str, exclude: int | None
+) -> tuple[np.ndarray, Nearest]:
+    """Picks and nearest rows of one input's trace at ``max_steps`` steps."""
+    x_d = np.frombuffer(x_bytes, dtype=np.float32).copy()
+    full = code_of(ref, x_d, modality, kind, max_steps(ref))
+    return full.atoms_k, nearest_along_trace(ref, full, exclude)
+
+
+def nearest_for(ref: CacheRef, code: Code, exclude: int | None = None) -> Nearest:
+    """Nearest rows per step of ``code``, from the input's longest trace.
+
+    A pursuit with fewer steps or with a threshold is a prefix of the same
+    input's pursuit at ``max_steps`` without one, so the nearest items of its
+    steps are a prefix too. The full trace's answer is cached per input, so
+    moving the k or threshold slider costs no search. When the picks differ
+    from that prefix (a TopK code, or k above ``max_steps``) the search runs
+    on ``code`` itself.
+    """
+    n = code.n_steps
+    if code.kind == "mp" and n <= max_steps(ref):
+        atoms_k, near = _nearest_full(
+            ref,
+            code.x_d.astype(np.float32).tobytes(),
+            code.modality,
+            code.kind,
+            exclude,
+        )
+        if np.array_equal(atoms_k[:n], code.atoms_k[:n]):
+            return Nearest(near.reconstruction_k[:n], near.residual_k[:n])
+    return nearest_along_trace(ref, code, exclude)
+
+
+def nearest_along_trace(
+    ref: CacheRef, code: Code, exclude: int | None = None
+) -> Nearest:
+    """Nearest corpus activation (cosine) at every step, in one product.
+
+    The reconstruction after step t is ``b + sum_{s<=t} c_s D[a_s]`` and the
+    residual is ``x`` minus it, so their dot products with every activation
+    follow from the products with the u distinct picked atoms, ``b`` and ``x``:
+    one ``(n_items, u + 2)`` matrix product and a cumulative sum, instead of
+    two ``(n_items, k)`` products. Activations have unit norm and each query's
+    norm is a constant per step, so the largest dot product is the largest
+    cosine. ``exclude`` leaves one row (the input itself) out.
+    """
+    n = code.n_steps
+    atoms_md, bias_d = loaders.dictionary(ref, code.kind)
+    picked_u, index_k = np.unique(code.atoms_k[:n], return_inverse=True)
+    basis_bd = np.vstack([atoms_md[picked_u], bias_d, code.x_d])
+    dots_nb = loaders.acts(ref) @ basis_bd.T
+    terms_nk = dots_nb[:, index_k] * code.coefficients_k[:n]
+    recon_nk = dots_nb[:, [-2]] + np.cumsum(terms_nk, axis=1)
+    residual_nk = dots_nb[:, [-1]] - recon_nk
+    if exclude is not None:
+        recon_nk[exclude] = -np.inf
+        residual_nk[exclude] = -np.inf
+    return Nearest(recon_nk.argmax(axis=0), residual_nk.argmax(axis=0))
 
 
 def curve(code: Code) -> pd.DataFrame:

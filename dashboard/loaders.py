@@ -255,6 +255,16 @@ def sae(ref: CacheRef, kind: str):
     return load_sae(_path(ref, f"sae/{kind}"))
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def dictionary(ref: CacheRef, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The SAE's atoms ``(n_atoms, d)`` and bias ``(d,)`` as float32 arrays."""
+    model = sae(ref, kind)
+    return (
+        model.atoms_md.detach().cpu().numpy(),
+        model.bias_d.detach().cpu().numpy(),
+    )
+
+
 @st.cache_resource(show_spinner="Loading the CLIP model ...", max_entries=2)
 def encoder(spec: str):
     """The CLIP encoder of ``spec`` through ``backend.models.resolve_model``."""

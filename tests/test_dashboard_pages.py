@@ -284,6 +284,32 @@ def test_trace_step_slider_shows_nearest_items(cache_env):
     assert any("Reconstruction after step 1" in m.value for m in at.markdown)
 
 
+def test_nearest_along_trace_matches_brute_force(cache_env):
+    from dashboard import live, loaders
+
+    ref = loaders.list_caches(cache_env.parent)[0]
+    acts = loaders.acts(ref)
+    for row in (0, len(acts) - 1):
+        modality = loaders.items(ref).loc[row, "modality"]
+        code = live.code_of(ref, acts[row], modality, "mp", 12)
+        near = live.nearest_along_trace(ref, code, exclude=row)
+        n = code.n_steps
+        for queries_kd, found in (
+            (code.recon_kd[:n], near.reconstruction_k),
+            (code.x_d - code.recon_kd[:n], near.residual_k),
+        ):
+            cosines = (acts @ queries_kd.T) / np.linalg.norm(queries_kd, axis=1)
+            cosines[row] = -np.inf
+            best = cosines.max(axis=0)
+            assert np.allclose(cosines[found, np.arange(n)], best, atol=1e-5)
+        # A shorter pursuit reads its answer off the longest one's prefix.
+        short = live.code_of(ref, acts[row], modality, "mp", 3)
+        cached = live.nearest_for(ref, short, exclude=row)
+        direct = live.nearest_along_trace(ref, short, exclude=row)
+        assert np.array_equal(cached.reconstruction_k, direct.reconstruction_k)
+        assert np.array_equal(cached.residual_k, direct.residual_k)
+
+
 def test_trace_of_a_typed_text(cache_env):
     at = open_page("traces")
     at.radio(key="trace_source").set_value("Type a text").run()

@@ -61,7 +61,7 @@ def sparsity_controls(ref: CacheRef) -> tuple[int, float | None]:
     """Sliders for k and the residual threshold (0 = off)."""
     build_k = loaders.traces(ref, "mp").atoms_nk.shape[1]
     left, right = st.columns(2)
-    k = left.slider("k (steps)", 1, max(64, 2 * build_k), build_k, key="trace_k")
+    k = left.slider("k (steps)", 1, live.max_steps(ref), build_k, key="trace_k")
     threshold = right.slider(
         "threshold (stop when |r| <= threshold x |x - b|)",
         0.0,
@@ -131,25 +131,25 @@ def show_step(ref: CacheRef, chosen: Chosen, mp: live.Code) -> None:
         else 1
     )
     recon_d = mp.recon_kd[step - 1]
-    queries = {
-        f"Reconstruction after step {step}": recon_d,
-        f"Residual after step {step}": mp.x_d - recon_d,
-    }
-    for column, (title, query_d) in zip(st.columns(2), queries.items(), strict=True):
+    queries_qd = np.stack([recon_d, mp.x_d - recon_d])
+    titles = (f"Reconstruction after step {step}", f"Residual after step {step}")
+    near = live.nearest_items(ref, queries_qd, {"image": 4, "text": 3}, chosen.row)
+    images, texts = near["image"], near["text"]
+    for column, title, image, text in zip(
+        st.columns(2), titles, images, texts, strict=True
+    ):
         with column:
             st.markdown(f"**{title}**: nearest corpus items")
-            images = live.nearest_items(ref, query_d, "image", 4, chosen.row)
             with widgets.guard("Opening corpus images"):
                 widgets.image_grid(
-                    [loaders.thumbnail_bytes(ref, c) for c in images["corpus_id"]],
-                    [f"{c:.2f}" for c in images["cosine"]],
+                    [loaders.thumbnail_bytes(ref, c) for c in image["corpus_id"]],
+                    [f"{c:.2f}" for c in image["cosine"]],
                     columns=4,
                 )
-            texts = live.nearest_items(ref, query_d, "text", 3, chosen.row)
             st.markdown(
                 "\n".join(
                     f"- {t} ({c:.2f})"
-                    for t, c in zip(texts["text"], texts["cosine"], strict=True)
+                    for t, c in zip(text["text"], text["cosine"], strict=True)
                 )
             )
 
