@@ -328,6 +328,13 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         help="JSON output (default: cache/evaluation/<model>[-untrained].json)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is faster on a "
+        "small machine shared with other jobs)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -335,6 +342,8 @@ def _run(args: argparse.Namespace) -> int:
     from backend.corpus import load_corpus
     from backend.models import parse_spec, resolve_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.untrained:
         parsed = parse_spec(args.model)
         if parsed.kind != "mini":

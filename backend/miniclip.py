@@ -7,10 +7,11 @@ The model is an open_clip ``CustomTextCLIP``:
   through open_clip's ``HFTextEncoder`` (mean pooling over tokens, no
   projection, so a text embedding is exactly the package's sentence
   embedding) and locked. Nothing of it is stored in ``assets/miniclip``.
-- image tower: an open_clip ``VisionTransformer`` (small: 64 px input,
-  8 px patches) whose projection maps into MiniLM's 384-d space, trained
-  contrastively (LiT, "locked-image text" turned around: locked text) on the
-  corpus train split by ``python -m backend miniclip train``.
+- image tower: an open_clip ``VisionTransformer`` (small: 48 px input,
+  8 px patches, width 192, 4 blocks) whose projection maps into MiniLM's
+  384-d space, trained contrastively against the locked text tower (as in
+  LiT, with the roles of the towers swapped) on the corpus train split by
+  ``python -m backend miniclip train``.
 
 The shipped folder holds ``weights.safetensors`` (image tower and logit
 scale), ``config.json`` (architecture, preprocessing, training record) and
@@ -23,6 +24,8 @@ import json
 import logging
 import math
 import os
+import shlex
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -81,10 +84,10 @@ class MiniClipConfig:
     """
 
     embed_dim: int = 384
-    image_size: int = 64
+    image_size: int = 48
     patch_size: int = 8
-    width: int = 256
-    layers: int = 6
+    width: int = 192
+    layers: int = 4
     head_width: int = 64
     mlp_ratio: float = 4.0
     context_length: int = 64
@@ -362,22 +365,28 @@ class TrainConfig:
     seed : int
         Seeds the image tower's initialisation, batches and augmentation.
     threads : int
-        torch CPU threads.
+        torch CPU threads. One is the default: on a 2-core machine shared with
+        other jobs, a second thread made steps about 3x slower (threads
+        waiting for each other), measured with this model.
     val_percent : int
         Share (percent) of train groups held back to report validation
         figures after each epoch (0: none; the test split is never used).
+    align_weight : float
+        Weight of :func:`alignment_loss` added to the contrastive loss
+        (0: contrastive only).
     """
 
-    epochs: int = 10
-    batch_size: int = 256
+    epochs: int = 12
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
     crop_scale: tuple[float, float] = (0.6, 1.0)
     flip: bool = True
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     val_percent: int = 0
+    align_weight: float = 1.0
 
 
 @dataclass
@@ -444,30 +453,58 @@ def caption_bank(
 ) -> tuple[dict[str, int], torch.Tensor]:
     """Locked text embeddings of every distinct caption of the corpus.
 
-    Returns ``(row_of_caption, text_ud)``. The text tower never changes, so
-    the bank is computed once per corpus and text tower and, with
-    ``cache_dir``, stored there (safetensors, keyed by a hash of the
-    captions, the package version and the context length) for later runs.
+    Returns ``(row_of_caption, text_ud)``. The text tower never changes, so a
+    caption is embedded once: with ``cache_dir``, the embeddings are kept
+    there (``captions-<tower>.safetensors`` with the texts in a ``.json``
+    beside it, keyed by the package version and context length) and a later
+    run embeds only captions it has not seen.
     """
-    import hashlib
-    import importlib.metadata
-
     texts = sorted({c for captions in corpus.table["captions"] for c in captions})
     row_of = {text: row for row, text in enumerate(texts)}
     if cache_dir is None:
         return row_of, embed_texts(mini, texts)
-    key = hashlib.sha256()
-    key.update(importlib.metadata.version(TEXT_PACKAGE).encode())
-    key.update(str(mini.config.context_length).encode())
-    key.update("\n".join(texts).encode())
-    path = Path(cache_dir) / f"captions-{key.hexdigest()[:16]}.safetensors"
-    if path.is_file():
-        log.info("caption embeddings from %s", path)
-        return row_of, load_file(str(path))["text_ud"]
-    text_ud = embed_texts(mini, texts)
-    with atomic_path(path) as tmp:
+
+    known_texts, known_ud = _read_bank(mini, cache_dir)
+    known_row = {text: row for row, text in enumerate(known_texts)}
+    missing = [t for t in texts if t not in known_row]
+    log.info(
+        "captions: %d in the cache, %d to embed",
+        len(texts) - len(missing),
+        len(missing),
+    )
+    if missing:
+        known_ud = torch.cat([known_ud, embed_texts(mini, missing)])
+        known_row.update({t: len(known_texts) + i for i, t in enumerate(missing)})
+        known_texts = known_texts + missing
+        _write_bank(mini, cache_dir, known_texts, known_ud)
+    return row_of, known_ud[[known_row[t] for t in texts]]
+
+
+def _bank_paths(mini: MiniClip, cache_dir: Path) -> tuple[Path, Path]:
+    import importlib.metadata
+
+    version = importlib.metadata.version(TEXT_PACKAGE)
+    stem = f"captions-{TEXT_PACKAGE}-{version}-ctx{mini.config.context_length}"
+    return Path(cache_dir) / f"{stem}.safetensors", Path(cache_dir) / f"{stem}.json"
+
+
+def _read_bank(mini: MiniClip, cache_dir: Path) -> tuple[list[str], torch.Tensor]:
+    weights, texts = _bank_paths(mini, cache_dir)
+    if not (weights.is_file() and texts.is_file()):
+        return [], torch.zeros(0, mini.config.embed_dim)
+    known_texts = json.loads(texts.read_text())
+    known_ud = load_file(str(weights))["text_ud"]
+    if len(known_texts) != len(known_ud):
+        log.warning("caption cache %s is inconsistent; embedding afresh", weights)
+        return [], torch.zeros(0, mini.config.embed_dim)
+    return known_texts, known_ud
+
+
+def _write_bank(mini, cache_dir, texts: list[str], text_ud: torch.Tensor) -> None:
+    weights, names = _bank_paths(mini, cache_dir)
+    with atomic_path(weights) as tmp:
         save_file({"text_ud": text_ud.contiguous()}, str(tmp))
-    return row_of, text_ud
+    write_json(names, texts)
 
 
 def prepare_data(corpus, mini: MiniClip, rows, bank) -> TrainData:
@@ -701,7 +738,7 @@ def train(
                 mini.model.logit_scale.clamp_(0, math.log(100))
             loss_sum += loss.item()
             bar.update()
-            bar.set_postfix(loss=f"{float(loss):.3f}", epoch=epoch)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
         seconds = time.perf_counter() - t0
         line = (
             f"epoch {epoch:3d}  loss {loss_sum / steps_per_epoch:.4f}  "
@@ -731,9 +768,27 @@ def _train_step(mini, data: TrainData, batch, train_config, gen) -> torch.Tensor
 
     x_nchw = augment(data.pixels_nchw[batch], mini.config, train_config, gen)
     image_nd = torch.nn.functional.normalize(mini.model.encode_image(x_nchw), dim=-1)
-    return contrastive_loss(
-        image_nd, data.text_ud[row_t], positive_nt, mini.model.logit_scale
-    )
+    text_td = data.text_ud[row_t]
+    loss = contrastive_loss(image_nd, text_td, positive_nt, mini.model.logit_scale)
+    if train_config.align_weight:
+        loss = loss + train_config.align_weight * alignment_loss(
+            image_nd, text_td, positive_nt
+        )
+    return loss
+
+
+def alignment_loss(
+    image_nd: torch.Tensor, text_td: torch.Tensor, positive_nt: torch.Tensor
+) -> torch.Tensor:
+    """Mean cosine distance of each image to the centroid of its captions.
+
+    The centroid is the renormalised mean of the image's caption embeddings;
+    its direction is what the captions of an image share (the name and the
+    hierarchy words), which is where category prompts point.
+    """
+    weights_nt = positive_nt.float() / positive_nt.sum(dim=1, keepdim=True)
+    centroid_nd = torch.nn.functional.normalize(weights_nt @ text_td, dim=-1)
+    return (1 - (image_nd * centroid_nd).sum(dim=1)).mean()
 
 
 def _record(corpus, data, model_config, train_config, started, log_lines) -> dict:
@@ -803,6 +858,18 @@ def add_command(subparsers) -> None:
     cmd.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     cmd.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     cmd.add_argument("--seed", type=int, default=defaults.seed)
+    cmd.add_argument(
+        "--align-weight",
+        type=float,
+        default=defaults.align_weight,
+        help="weight of the image-to-caption-centroid cosine term",
+    )
+    cmd.add_argument(
+        "--init-temperature",
+        type=float,
+        default=round(1 / math.exp(model.init_logit_scale), 4),
+        help="initial softmax temperature (learned afterwards)",
+    )
     cmd.add_argument("--threads", type=int, default=defaults.threads)
     cmd.add_argument(
         "--val-percent",
@@ -835,6 +902,7 @@ def _run_train(args) -> int:
         layers=args.layers,
         image_size=args.image_size,
         patch_size=args.patch_size,
+        init_logit_scale=math.log(1 / args.init_temperature),
     )
     train_config = TrainConfig(
         epochs=args.epochs,
@@ -845,9 +913,20 @@ def _run_train(args) -> int:
         seed=args.seed,
         threads=args.threads,
         val_percent=args.val_percent,
+        align_weight=args.align_weight,
     )
     corpus = load_corpus(args.corpus)
+    load_before = os.getloadavg()
     result = train(corpus, model_config, train_config, args.cache_dir, args.max_images)
+    result.record["training"].update(
+        command=shlex.join(["python", "-m", "backend", *sys.argv[1:]]),
+        max_images=args.max_images,
+        load_average_before_after=[
+            round(load_before[1], 1),
+            round(os.getloadavg()[1], 1),
+        ],
+        cpus=os.cpu_count(),
+    )
     weights = save(result.mini, args.out, result.record)
     write_text(Path(args.out) / "train.log", "\n".join(result.log_lines) + "\n")
     size_mb = weights.stat().st_size / 1e6
