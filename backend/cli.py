@@ -15,6 +15,7 @@ import logging
 COMMAND_MODULES: list[str] = [
     "backend.corpus_build",
     "backend.miniclip",
+    "backend.sae_cli",
     "backend.evaluate",
     "backend.generator",
     "backend.edits",
