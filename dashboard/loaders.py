@@ -299,7 +299,7 @@ def thumbnail_png(spec: str | None, corpus_id: str, size: int) -> bytes:
     image = corpus(spec).open_image(corpus_id).convert("RGB")
     image.thumbnail((size, size))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -314,7 +314,7 @@ def thumbnail(ref: CacheRef, corpus_id: str, size: int = 128) -> Image.Image:
 
 
 @st.cache_resource(show_spinner="Preparing thumbnails ...", max_entries=4)
-def atom_thumbnail_uris(ref: CacheRef, size: int = 32) -> pd.Series:
+def atom_thumbnail_uris(ref: CacheRef, size: int = 40) -> pd.Series:
     """A data URI of each atom's top image (WebP, ``size`` px), by atom id.
 
     Atoms without a top image get an empty string. Built once per cache for
@@ -325,9 +325,10 @@ def atom_thumbnail_uris(ref: CacheRef, size: int = 32) -> pd.Series:
     firsts = tops[tops["modality"] == "image"].drop_duplicates("atom")
     corpus_ids = items(ref)["corpus_id"]
     uris = pd.Series("", index=atoms(ref).index, dtype=object)
-    spec = corpus_spec(ref)
+    source = corpus(corpus_spec(ref))
     for atom, row in zip(firsts["atom"], firsts["row"], strict=True):
-        image = Image.open(io.BytesIO(thumbnail_png(spec, corpus_ids[row], size)))
+        image = source.open_image(corpus_ids[row])
+        image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="WEBP", quality=70)
         encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
