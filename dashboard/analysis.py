@@ -41,7 +41,7 @@ def pair_cosines(ref: CacheRef, n_pairs: int = SAMPLE_PAIRS) -> dict[str, np.nda
         return np.einsum("nd,nd->n", atoms_md[a], atoms_md[b])
 
     return {
-        "picked one after the other": cosine(first[chosen], second[chosen]),
+        "consecutive picks": cosine(first[chosen], second[chosen]),
         "random pairs": cosine(rand_a[keep], rand_b[keep]),
     }
 

@@ -109,7 +109,7 @@ def test_overview_pair_cosines_are_real_atom_cosines(cache_env):
 
     ref = loaders.list_caches(cache_env.parent)[0]
     samples = analysis.pair_cosines(ref, n_pairs=500)
-    assert set(samples) == {"picked one after the other", "random pairs"}
+    assert set(samples) == {"consecutive picks", "random pairs"}
     for values in samples.values():
         assert values.size > 0
         assert np.all(np.abs(values) <= 1 + 1e-5)

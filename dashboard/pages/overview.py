@@ -113,7 +113,7 @@ def show_orthogonality(ref: CacheRef) -> None:
     left, right = st.columns([3, 1])
     left.plotly_chart(figures(ref)["pairs"], width="stretch")
     for name, values in samples.items():
-        right.metric(f"mean |cosine|, {name}", f"{np.abs(values).mean():.3f}")
+        right.metric(f"mean |cos|, {name}", f"{np.abs(values).mean():.3f}")
     mp = loaders.summary(ref).get("mp", {})
     if "coselected_abs_cosine" in mp:
         right.caption(
