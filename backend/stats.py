@@ -415,7 +415,7 @@ def trace_stats(
             f"energy {energy_n.shape}; they must match"
         )
     modality_n = items["modality"].to_numpy()
-    edges = _histogram_edges(traces, config)
+    edges = _histogram_edges(traces, n_atoms, config)
     acc = _Accumulators(n_atoms, k, config, edges, _encode_labels(items))
     is_train_n = _train_mask(items)
     fvu_n = np.empty(n, np.float32)
@@ -440,17 +440,19 @@ def trace_stats(
     return _finish(acc, modality_n, is_train_n, fvu_n)
 
 
-def _histogram_edges(traces: Traces, config: StatsConfig) -> np.ndarray:
-    """Linear edges from 0 (or the smallest code) to an upper bound of any code.
+def _histogram_edges(traces: Traces, n_atoms: int, config: StatsConfig) -> np.ndarray:
+    """Linear edges from 0 (or the smallest code) to the largest summed code.
 
-    A row's summed code for one atom is at most the sum of its positive
-    coefficients, so that sum's maximum bounds every code; one cheap pass.
+    One extra pass over the traces; exact edges keep the bins (and so the
+    quantiles) as fine as ``n_bins`` allows.
     """
     low, high = 0.0, 0.0
     for start, stop in chunks(len(traces.atoms), config.chunk_rows):
-        coefs = np.asarray(traces.coefficients[start:stop], np.float64)
-        high = max(high, float(np.clip(coefs, 0, None).sum(1).max(initial=0.0)))
-        low = min(low, float(np.clip(coefs, None, 0).sum(1).min(initial=0.0)))
+        atoms_ck = np.asarray(traces.atoms[start:stop]).astype(np.int64)
+        coefs_ck = np.asarray(traces.coefficients[start:stop], np.float64)
+        values = sparse_codes(atoms_ck, coefs_ck, start, n_atoms).values
+        high = max(high, float(values.max(initial=0.0)))
+        low = min(low, float(values.min(initial=0.0)))
     if high <= low:
         high = low + 1.0
     return np.linspace(low, high, config.n_bins + 1)

@@ -113,6 +113,13 @@ def test_matches_dense_reference(data):
     np.testing.assert_allclose(
         table.max_coefficient[alive], codes.max(0)[alive], rtol=1e-5
     )
+    width = np.diff(stats.coef_hist_edges).max()
+    for atom in np.flatnonzero(alive):
+        values = codes[fires[:, atom], atom]
+        for q, column in ((0.5, "q50"), (0.9, "q90")):
+            exact = np.quantile(values, q, method="inverted_cdf")
+            assert abs(table[column][atom] - exact) <= width + 1e-6
+    assert stats.coef_hist_edges[-1] == pytest.approx(codes.max())
     mass_image = codes[image].sum(0)
     np.testing.assert_allclose(
         table.modality_score[alive], (mass_image / codes.sum(0))[alive], rtol=1e-5
