@@ -13,7 +13,11 @@ B3  One MP training step (picks through the Gram matrix, gradient through the
     with a TopK step for reference.
 
 Every case runs in its own process so that its peak memory (above the
-process's baseline once inputs exist) can be read from ``ru_maxrss``.
+process's baseline once inputs exist) can be read from ``ru_maxrss``. The
+plain loop is timed once (it is the slow side); the other encoders report
+the median of three runs; training steps the mean of three (plain: one).
+The load average is printed because other work on the machine changes the
+memory-bound Gram encoder more than the compute-bound plain loop.
 
 Usage: ``python benchmarks/bench_sae.py [--quick] [--threads N]``
 """
@@ -42,6 +46,19 @@ QUICK = {
     "encode": {"d": 128, "n_atoms": 1024, "k": 16, "n": 512},
     "train": {"d": 64, "n_atoms": 512, "k": 16, "n": 256},
 }
+
+
+REPEATS = 3
+
+
+def timed(fn, repeats: int = REPEATS):
+    """Median wall time of ``repeats`` calls of ``fn`` and its last result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], result
 
 
 def rss_mib() -> float:
@@ -100,9 +117,7 @@ def case_fast_encode(size, out):
     start = time.perf_counter()
     gram_matrix(sae)
     gram_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    result = fast_encode(sae, x_nd)
-    seconds = time.perf_counter() - start
+    seconds, result = timed(lambda: fast_encode(sae, x_nd))
     np.save(out / "fast_atoms.npy", result.atoms.numpy())
     np.save(out / "fast_residual.npy", result.residual.numpy())
     return {
@@ -121,9 +136,7 @@ def case_mp_encode_decode(size, out):
     start = time.perf_counter()
     gram_matrix(sae)
     gram_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    sae.decode(fast_encode(sae, x_nd).codes)
-    seconds = time.perf_counter() - start
+    seconds, _ = timed(lambda: sae.decode(fast_encode(sae, x_nd).codes))
     return {
         "seconds": seconds,
         "gram_seconds": gram_seconds,
@@ -136,10 +149,9 @@ def case_topk_encode_decode(size, out):
 
     sae, x_nd = make_sae("topk", size), inputs(size)
     base = rss_mib()
-    start = time.perf_counter()
     with torch.no_grad():
-        sae.decode(sae.encode(x_nd).codes)
-    return {"seconds": time.perf_counter() - start, "peak_mib": peak_mib() - base}
+        seconds, _ = timed(lambda: sae.decode(sae.encode(x_nd).codes))
+    return {"seconds": seconds, "peak_mib": peak_mib() - base}
 
 
 def _train_case(kind: str, plain: bool, size: dict, repeats: int):
@@ -250,6 +262,7 @@ def report(args, sizes) -> int:
         for group in groups:
             res = {name: run_child(name, args, out) for name in GROUPS[group]}
             REPORTS[group](res, sizes, out)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 
