@@ -107,6 +107,20 @@ def manifest(ref: CacheRef) -> dict:
     return open_cache(ref.path, verify=True)
 
 
+@st.cache_resource(show_spinner=False, max_entries=64)
+def describe(ref: CacheRef) -> str:
+    """A one-line name for the cache picker: key, corpus, model, size."""
+    try:
+        data = read_manifest(Path(ref.path))
+    except (CacheError, OSError, ValueError):
+        return f"{ref.key} (unreadable manifest)"
+    inputs = data.get("inputs", {})
+    corpus_name = (inputs.get("corpus") or {}).get("name", "?")
+    model_name = (inputs.get("model") or {}).get("spec", "?")
+    state = "" if data.get("complete") else ", unfinished"
+    return f"{ref.key} · {corpus_name} · {model_name}{state}"
+
+
 def rebuild_hint(ref: CacheRef) -> str:
     """The command that rebuilds this cache (from its manifest if readable)."""
     try:

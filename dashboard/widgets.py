@@ -41,7 +41,8 @@ def sidebar_cache_picker() -> CacheRef | None:
         "Cache",
         keys,
         index=index,
-        help=f"Built caches under {loaders.cache_root()}",
+        format_func=lambda key: loaders.describe(by_key[key]),
+        help=f"Built caches under {loaders.cache_root()}, newest first",
         key="cache_picker",
     )
     st.session_state[CACHE_STATE] = by_key[key]

@@ -78,6 +78,23 @@ def test_incompatible_cache_says_how_to_rebuild(cache_env, tmp_path, monkeypatch
     assert "python -m backend build" in at.code[0].value
 
 
+def test_sidebar_switches_between_caches(cache_env, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    for name in ("aaaa", "bbbb"):
+        shutil.copytree(cache_env, root / name)
+    monkeypatch.setenv("ATLAS_CACHE_ROOT", str(root))
+    at = open_page()
+    picker = at.sidebar.selectbox(key="cache_picker")
+    assert sorted(picker.options[i].split(" · ")[0] for i in range(2)) == [
+        "aaaa",
+        "bbbb",
+    ]
+    other = next(k for k in ("aaaa", "bbbb") if k != picker.value)
+    picker.set_value(other).run()
+    assert_clean(at)
+    assert f"Cache `{other}`" in texts(at)
+
+
 # ---------------------------------------------------------------- overview
 
 
