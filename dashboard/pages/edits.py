@@ -164,37 +164,43 @@ def steering_controls(ref: CacheRef, seed: int) -> edits.AtomSteering:
 
 
 def show_pictures(ref, chosen: Chosen, result: edits.EditResult, generator) -> None:
-    cols = st.columns(3)
-    cols[0].image(chosen.image, caption="original", width=160)
+    """Original, reconstruction and edited picture side by side, then the
+    similarity to both texts (and, for atom steering, the atom alone)."""
+    cols = st.columns([1, 1, 1, 2])
+    cols[0].image(_big(chosen.image), caption="original", width=160)
     if generator is None:
         cols[1].caption("reconstruction: no generator")
-        return
-    both = torch.stack([result.original_d, result.edited_d])
-    recon, edited = gen.decode_pictures(generator, both)
-    cols[1].image(_big(recon), caption="reconstruction G(e)", width=160)
-    cols[2].image(_big(edited), caption="edited G(e')", width=160)
-    if isinstance(result.method, edits.AtomSteering):
-        st.caption("The steered atom alone (bias + coefficient x atom):")
-        picture = gen.atom_picture(
-            loaders.sae(ref, "mp"), generator, result.method.atom, 1.0
+    else:
+        both = torch.stack([result.original_d, result.edited_d])
+        recon, edited = gen.decode_pictures(generator, both)
+        cols[1].image(_big(recon), caption="reconstruction G(e)", width=160)
+        cols[2].image(_big(edited), caption="edited G(e')", width=160)
+    with cols[3]:
+        st.markdown(
+            f"cosine(original, edited) = "
+            f"**{float(result.original_d @ result.edited_d):.3f}**"
         )
-        st.image(_big(picture), width=96)
+        sim = result.similarity.assign(change=lambda t: t["after"] - t["before"])
+        st.dataframe(sim, hide_index=True, width="stretch")
+        if generator is not None and isinstance(result.method, edits.AtomSteering):
+            picture = gen.atom_picture(
+                loaders.sae(ref, "mp"), generator, result.method.atom, 1.0
+            )
+            st.image(_big(picture), caption="the atom alone: G(b + atom)", width=96)
 
 
 def _big(image: Image.Image) -> Image.Image:
-    return image.resize((160, 160), Image.NEAREST)
+    return image.convert("RGB").resize((160, 160), Image.NEAREST)
 
 
 def show_changes(result: edits.EditResult) -> None:
     st.subheader("Code changes")
-    sim = result.similarity.assign(change=lambda t: t["after"] - t["before"])
-    st.dataframe(sim, hide_index=True, width="stretch")
     changes = result.changes
     counts = changes["status"].value_counts()
     st.markdown(
         f"**{counts.get('gained', 0)} atoms gained, {counts.get('lost', 0)} lost, "
-        f"{counts.get('changed', 0)} changed**; cosine(original, edited) = "
-        f"{float(result.original_d @ result.edited_d):.3f}"
+        f"{counts.get('changed', 0)} changed** (fresh pursuits of the original "
+        "and the edited embedding)"
     )
     st.dataframe(changes, hide_index=True, width="stretch")
     for rec in changes.head(5).itertuples():
