@@ -78,6 +78,21 @@ def test_incompatible_cache_says_how_to_rebuild(cache_env, tmp_path, monkeypatch
     assert "python -m backend build" in at.code[0].value
 
 
+def test_damaged_cache_is_reported_in_the_page(cache_env, tmp_path, monkeypatch):
+    from backend.cache import read_manifest, rebuild_command
+
+    copy = tmp_path / "root" / cache_env.name
+    shutil.copytree(cache_env, copy)
+    target = copy / "stats/atoms.parquet"
+    target.write_bytes(b"garbage" + target.read_bytes()[7:])
+    monkeypatch.setenv("ATLAS_CACHE_ROOT", str(tmp_path / "root"))
+    for page in (None, "atoms", "atlas"):
+        at = open_page(page)
+        assert not at.exception
+        assert "stats/atoms.parquet" in at.error[0].value
+        assert at.code[0].value == rebuild_command(read_manifest(copy))
+
+
 def test_sidebar_switches_between_caches(cache_env, tmp_path, monkeypatch):
     root = tmp_path / "root"
     for name in ("aaaa", "bbbb"):

@@ -87,4 +87,5 @@ def render() -> None:
             st.switch_page(widgets.ATOMS_PAGE, query_params={"atom": str(atom)})
 
 
-render()
+with widgets.guard("Showing this page"):
+    render()

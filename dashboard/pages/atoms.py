@@ -266,4 +266,5 @@ def render() -> None:
     show_atom(ref, atom)
 
 
-render()
+with widgets.guard("Showing this page"):
+    render()

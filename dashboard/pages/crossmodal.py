@@ -144,4 +144,5 @@ def render() -> None:
         show_gap(ref)
 
 
-render()
+with widgets.guard("Showing this page"):
+    render()

@@ -170,4 +170,5 @@ def render() -> None:
         show_hierarchy(ref)
 
 
-render()
+with widgets.guard("Showing this page"):
+    render()

@@ -173,4 +173,5 @@ def render() -> None:
     )
 
 
-render()
+with widgets.guard("Showing this page"):
+    render()
