@@ -24,10 +24,11 @@ def pair_cosines(ref: CacheRef, n_pairs: int = SAMPLE_PAIRS) -> dict[str, np.nda
 
     Consecutive pairs are sampled uniformly from the stored MP traces (step t
     and t + 1 of one input, both real picks); random pairs draw two atoms
-    uniformly among the atoms that were ever picked. Same count for both.
+    uniformly among the atoms that were ever picked (pairs of one atom with
+    itself are dropped from both samples).
     """
     atoms_nk = loaders.traces(ref, "mp").atoms_nk
-    atoms_md = loaders.sae(ref, "mp").atoms_md.detach().cpu().numpy()
+    atoms_md, _ = loaders.dictionary(ref, "mp")
     first, second = atoms_nk[:, :-1].ravel(), atoms_nk[:, 1:].ravel()
     valid = np.flatnonzero((first >= 0) & (second >= 0) & (first != second))
     rng = np.random.default_rng(0)

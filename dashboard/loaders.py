@@ -48,8 +48,10 @@ class Traces(NamedTuple):
     """Pursuit traces of every activation, as the build stored them.
 
     ``atoms_nk`` (int32, -1 after a stop), ``coefficients_nk`` (float32),
-    ``residual_norms_nk1`` (float32, n x (k+1); ``None`` for TopK, which has
-    no pursuit) and ``fvu_n`` (float32, fraction of variance unexplained).
+    ``residual_norms_nk1`` (float32, n x (k+1): ``|x - b|`` then after each
+    step, for TopK adding atoms by decreasing coefficient; ``None`` if the
+    build stored none) and ``fvu_n`` (float32, fraction of variance
+    unexplained).
     """
 
     atoms_nk: np.ndarray
