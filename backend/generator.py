@@ -4,8 +4,8 @@ The edits of :mod:`backend.edits` move an image's embedding on CLIP's unit
 sphere; to *see* an edit, this module decodes an embedding into a small RGB
 picture. The :class:`Generator` is a plain convolutional decoder:
 
-    e (d,) -> linear -> (C, 4, 4) -> [upsample x2, conv, norm, SiLU] x 4
-           -> conv -> sigmoid -> picture (3, 64, 64) in [0, 1]
+    e (d,) -> linear -> (C, 4, 4) -> [upsample x2, (conv, norm, SiLU) x c] x 4
+           -> conv (+ base picture logits) -> sigmoid -> picture (3, 64, 64) in [0, 1]
 
 It is trained on the corpus with the CLIP image tower frozen, minimising
 
@@ -63,11 +63,14 @@ class GeneratorConfig:
         Feature channels at 4x4, 8x8, ... up to ``image_size``; one entry per
         resolution from 4 up to ``image_size / 2``, so ``len(channels) ==
         log2(image_size / 4)`` upsampling blocks follow the 4x4 seed.
+    convs_per_block:
+        3x3 convolutions (each with GroupNorm and SiLU) after each upsampling.
     """
 
     embed_dim: int
     image_size: int = 64
     channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    convs_per_block: int = 1
 
     def __post_init__(self) -> None:
         blocks = math.log2(self.image_size / 4)
@@ -96,28 +99,31 @@ class Generator(nn.Module):
         self.seed = nn.Linear(config.embed_dim, first * 16)
         blocks = []
         for c_in, c_out in zip(config.channels[:-1], config.channels[1:], strict=True):
-            blocks.append(_up_block(c_in, c_out))
+            blocks.append(_up_block(c_in, c_out, config.convs_per_block))
         self.blocks = nn.Sequential(*blocks)
         self.to_rgb = nn.Conv2d(config.channels[-1], 3, kernel_size=3, padding=1)
+        # Logits of a base picture the network adds to (training sets it to
+        # the mean training picture, so learning starts from there).
+        size = config.image_size
+        self.base_3hw = nn.Parameter(torch.zeros(3, size, size))
 
     def forward(self, emb_nd: torch.Tensor) -> torch.Tensor:
         # Scale up: unit-norm inputs have entries of size ~1/sqrt(d).
         x = self.seed(emb_nd * math.sqrt(self.config.embed_dim))
         x = x.view(len(emb_nd), self.config.channels[0], 4, 4)
         x = self.blocks(F.silu(x))
-        return torch.sigmoid(self.to_rgb(x))
+        return torch.sigmoid(self.to_rgb(x) + self.base_3hw)
 
 
-def _up_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
-        nn.GroupNorm(math.gcd(8, c_out), c_out),
-        nn.SiLU(),
-        nn.Conv2d(c_out, c_out, kernel_size=3, padding=1),
-        nn.GroupNorm(math.gcd(8, c_out), c_out),
-        nn.SiLU(),
-    )
+def _up_block(c_in: int, c_out: int, convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest")]
+    for k in range(convs):
+        layers += [
+            nn.Conv2d(c_in if k == 0 else c_out, c_out, kernel_size=3, padding=1),
+            nn.GroupNorm(math.gcd(8, c_out), c_out),
+            nn.SiLU(),
+        ]
+    return nn.Sequential(*layers)
 
 
 # --------------------------------------------------------------------------
@@ -326,6 +332,7 @@ def load_generator(
             embed_dim=cfg["embed_dim"],
             image_size=cfg["image_size"],
             channels=tuple(cfg["channels"]),
+            convs_per_block=cfg.get("convs_per_block", 2),
         )
     )
     state = {
@@ -374,8 +381,8 @@ class GeneratorTrainConfig:
         renormalisation (0 = none).
     image_size:
         Side of the generated picture.
-    channels:
-        Generator channels, see :class:`GeneratorConfig`.
+    channels, convs_per_block:
+        Generator shape, see :class:`GeneratorConfig`.
     seed:
         Seed for initialisation, batch order and jitter.
     threads:
@@ -386,14 +393,15 @@ class GeneratorTrainConfig:
 
     epochs: int = 10
     steps: int | None = None
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
     clip_weight: float = 0.5
-    clip_images: int = 16
+    clip_images: int = 8
     noise: float = 0.05
     image_size: int = 64
     channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    convs_per_block: int = 1
     seed: int = 0
     threads: int = 2
     limit: int | None = None
@@ -561,8 +569,13 @@ def train_generator(
     gen = torch.Generator().manual_seed(config.seed)
     emb_nd = data.emb_nd
     generator = Generator(
-        GeneratorConfig(emb_nd.shape[1], config.image_size, config.channels)
+        GeneratorConfig(
+            emb_nd.shape[1], config.image_size, config.channels, config.convs_per_block
+        )
     )
+    with torch.no_grad():
+        mean_3hw = data.pixels_n3hw.float().mean(0) / 255
+        generator.base_3hw.copy_(torch.logit(mean_3hw.clamp(0.01, 0.99)))
     tower = image_tower(encoder)
     total = total_steps(config, len(emb_nd))
     optimiser = torch.optim.AdamW(
