@@ -1016,6 +1016,10 @@ def _spec(value) -> str | None:
     return value.get("spec") if isinstance(value, dict) else value
 
 
+def _share(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.1%}"
+
+
 def _format_rows(rows, pairs, top, corpus_name) -> str:
     lines = [
         f"{len(pairs)} held-out edit pairs from {corpus_name} "
@@ -1027,7 +1031,7 @@ def _format_rows(rows, pairs, top, corpus_name) -> str:
     ]
     for r in rows:
         lines.append(
-            f"{r.method:<28} {r.embedding_top:>9.1%} {r.picture_top:>9.1%} "
+            f"{r.method:<28} {r.embedding_top:>9.1%} {_share(r.picture_top):>9} "
             f"{r.target_gain:>12.3f} {r.kept:>9.3f}"
         )
     return "\n".join(lines)
