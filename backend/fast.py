@@ -83,6 +83,14 @@ def _block_max(bits_m, start, stop, nonnegative):
 
 
 @numba.njit(cache=True, inline="always")
+def _update(c_m, g_m, coef, start, stop):
+    """``c -= coef * G_j`` over ``[start, stop)``, from the int16 row ``g_m``."""
+    scaled = coef * np.float32(1.0 / GRAM_SCALE)
+    for q in range(start, stop):
+        c_m[q] -= scaled * np.float32(g_m[q])
+
+
+@numba.njit(cache=True, inline="always")
 def _block_maxima(c_m, nonnegative, block_max):
     """Fill ``block_max`` with the largest key of each block of ``c_m``."""
     bits_m = c_m.view(np.int32)
@@ -222,26 +230,37 @@ def _gram_pursuit(
             if n_live == 0 or t == k - 1:
                 break
             # One pass per block: update it from G, then take its maximum key
-            # while it is in cache.
-            for b in range(n_blocks):
+            # while it is in cache. Full blocks have constant bounds (which
+            # the compiler vectorises); a last partial block goes apart.
+            for b in range(m // KEY_BLOCK):
                 block_start = b * KEY_BLOCK
-                block_stop = min(block_start + KEY_BLOCK, m)
-                for start in range(block_start, block_stop, STRIDE):
-                    stop = min(start + STRIDE, block_stop)
+                for start in range(block_start, block_start + KEY_BLOCK, STRIDE):
                     for s in range(size):
                         if live[s]:
-                            c_m = corr_nm[first + s]
-                            g_m = gram_qmm[picks[s]]
-                            scaled = coefs[s] * np.float32(1.0 / GRAM_SCALE)
-                            for q in range(start, stop):
-                                c_m[q] -= scaled * np.float32(g_m[q])
+                            _update(
+                                corr_nm[first + s],
+                                gram_qmm[picks[s]],
+                                coefs[s],
+                                start,
+                                start + STRIDE,
+                            )
                 for s in range(size):
                     if live[s]:
                         block_max[s, b] = _block_max(
                             corr_nm[first + s].view(np.int32),
                             block_start,
-                            block_stop,
+                            block_start + KEY_BLOCK,
                             nonnegative,
+                        )
+            if m % KEY_BLOCK:
+                tail = m - m % KEY_BLOCK
+                for s in range(size):
+                    if live[s]:
+                        _update(
+                            corr_nm[first + s], gram_qmm[picks[s]], coefs[s], tail, m
+                        )
+                        block_max[s, n_blocks - 1] = _block_max(
+                            corr_nm[first + s].view(np.int32), tail, m, nonnegative
                         )
             for s in range(size):
                 if live[s]:
