@@ -676,7 +676,8 @@ DEFAULT_CATCH_ALL = ("Component", "unsorted", "special")
 class EditPair(NamedTuple):
     """One held-out edit: move image ``corpus_id`` (activation ``row``) from
     its own category ``source`` towards the sibling category ``target``.
-    ``source_text``/``target_text`` are the readable phrases given to ``T``."""
+    ``source_text``/``target_text`` are the readable phrases given to ``T``;
+    ``group`` is the image's corpus source (e.g. ``noto-emoji``), if known."""
 
     corpus_id: str
     row: int
@@ -684,6 +685,7 @@ class EditPair(NamedTuple):
     target: str
     source_text: str
     target_text: str
+    group: str = ""
 
 
 def readable(label: str) -> str:
@@ -729,6 +731,7 @@ def edit_pairs(
                     target,
                     readable(rec.label),
                     readable(target),
+                    rec.group,
                 )
             )
     chosen = rng.permutation(len(pairs))[:n_pairs]
@@ -751,6 +754,9 @@ def _labelled_images(items: pd.DataFrame, catch_all: tuple[str, ...]) -> pd.Data
                 images["level0"].astype(str),
             ),
             "depth": np.where(has2, 2, 1),
+            "group": images["source"].fillna("").astype(str)
+            if "source" in images
+            else "",
         }
     )
 
@@ -763,7 +769,8 @@ class EditEvalRow(NamedTuple):
     image itself left out); ``picture_top``: the same for the generator's
     picture of the edited embedding, encoded again; ``target_gain``: mean
     increase of the cosine to ``T(target)``; ``kept``: mean cosine between
-    the original and edited embedding.
+    the original and edited embedding; ``by_group``: the two shares per
+    corpus source (``{group: (embedding_top, picture_top)}``).
     """
 
     method: str
@@ -771,6 +778,7 @@ class EditEvalRow(NamedTuple):
     picture_top: float
     target_gain: float
     kept: float
+    by_group: dict[str, tuple[float, float]] = {}
 
 
 def evaluate_edits(
@@ -802,13 +810,16 @@ def evaluate_edits(
     rows = []
     for name, method in methods.items():
         edited_nd = _edit_batch(method, e_nd, source_nd, target_nd, sae)
+        hits_n = _hits(index, edited_nd, pairs, top)
+        picture_hits_n = _picture_hits(generator, encoder, index, edited_nd, pairs, top)
         rows.append(
             EditEvalRow(
                 name,
-                _hit_rate(index, edited_nd, pairs, top),
-                _picture_hit_rate(generator, encoder, index, edited_nd, pairs, top),
+                float(hits_n.mean()),
+                float(picture_hits_n.mean()),
                 float(((edited_nd - e_nd) * target_nd).sum(-1).mean()),
                 float((edited_nd * e_nd).sum(-1).mean()),
+                _by_group(pairs, hits_n, picture_hits_n),
             )
         )
         logger.info("%s: %s", name, rows[-1])
@@ -840,21 +851,36 @@ def _with_atom(method: AtomSteering, atom: int) -> AtomSteering:
     )
 
 
-def _hit_rate(index, edited_nd, pairs, top) -> float:
-    hits = [
-        pair.target in set(index.nearest(x_d, top, pair.corpus_id)["label"])
-        for x_d, pair in zip(edited_nd, pairs, strict=True)
-    ]
-    return float(np.mean(hits))
+def _hits(index, edited_nd, pairs, top) -> np.ndarray:
+    """1.0 where the target label is among the ``top`` nearest images."""
+    return np.array(
+        [
+            pair.target in set(index.nearest(x_d, top, pair.corpus_id)["label"])
+            for x_d, pair in zip(edited_nd, pairs, strict=True)
+        ],
+        dtype=float,
+    )
 
 
-def _picture_hit_rate(generator, encoder, index, edited_nd, pairs, top) -> float:
+def _picture_hits(generator, encoder, index, edited_nd, pairs, top) -> np.ndarray:
     if generator is None:
-        return float("nan")
+        return np.full(len(pairs), np.nan)
     from backend.generator import decode_pictures
 
     again_nd = encoder.encode_images(decode_pictures(generator, edited_nd))
-    return _hit_rate(index, again_nd, pairs, top)
+    return _hits(index, again_nd, pairs, top)
+
+
+def _by_group(pairs, hits_n, picture_hits_n) -> dict[str, tuple[float, float]]:
+    groups = np.array([p.group for p in pairs])
+    return {
+        str(g): (
+            float(hits_n[groups == g].mean()),
+            float(picture_hits_n[groups == g].mean()),
+        )
+        for g in sorted(set(groups))
+        if g
+    }
 
 
 # --------------------------------------------------------------------------
@@ -993,6 +1019,7 @@ def corpus_items(corpus, row_of: dict[str, int]) -> pd.DataFrame:
             "level0": table["level0"].to_numpy(),
             "level1": table["level1"].to_numpy(),
             "level2": table["level2"].to_numpy(),
+            "source": table["source"].to_numpy() if "source" in table else "",
         }
     )
 
@@ -1034,4 +1061,7 @@ def _format_rows(rows, pairs, top, corpus_name) -> str:
             f"{r.method:<28} {r.embedding_top:>9.1%} {_share(r.picture_top):>9} "
             f"{r.target_gain:>12.3f} {r.kept:>9.3f}"
         )
+        for group, (emb, pic) in r.by_group.items():
+            n = sum(p.group == group for p in pairs)
+            lines.append(f"{'  ' + group + f' ({n})':<28} {emb:>9.1%} {_share(pic):>9}")
     return "\n".join(lines)
