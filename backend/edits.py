@@ -281,8 +281,9 @@ def steered_pursuit(
     is ``forced[t] = (atom, coefficient)`` whatever the correlations say, and
     atoms in ``banned`` are never picked. After a forced step the pursuit
     continues from the new residual; the stop rule (no positive correlation
-    with non-negative codes) applies to free steps only. Without ``forced`` and
-    ``banned`` it equals ``sae.encode(x_nd, k)``.
+    with non-negative codes) applies to free steps only, and an input whose
+    pursuit has stopped stays stopped. Without ``forced`` and ``banned`` it
+    equals ``sae.encode(x_nd, k)``.
 
     Returns an :class:`EncodeResult` for the ``(n, d)`` inputs (all rows get
     the same forced picks).

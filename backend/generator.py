@@ -340,6 +340,9 @@ def load_generator(
         for k, v in load_file(str(directory / "weights.safetensors")).items()
     }
     generator.load_state_dict(state)
+    # Inference only: gradients may flow through it (CLIP-guided edits with a
+    # picture term) but never into its weights.
+    generator.requires_grad_(False)
     return generator.eval()
 
 
