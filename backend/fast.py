@@ -95,10 +95,11 @@ def _block_maxima(c_m, nonnegative, block_max):
     """Fill ``block_max`` with the largest key of each block of ``c_m``."""
     bits_m = c_m.view(np.int32)
     m = c_m.shape[0]
-    for b in range(block_max.shape[0]):
-        block_max[b] = _block_max(
-            bits_m, b * KEY_BLOCK, min((b + 1) * KEY_BLOCK, m), nonnegative
-        )
+    for b in range(m // KEY_BLOCK):
+        start = b * KEY_BLOCK
+        block_max[b] = _block_max(bits_m, start, start + KEY_BLOCK, nonnegative)
+    if m % KEY_BLOCK:
+        block_max[-1] = _block_max(bits_m, m - m % KEY_BLOCK, m, nonnegative)
 
 
 @numba.njit(cache=True, inline="always")
