@@ -301,3 +301,29 @@ def test_evaluate_edits_reports_shares(encoder, parts):
     for row in rows:
         assert 0 <= row.embedding_top <= 1
         assert np.isnan(row.picture_top)
+
+
+def test_clip_guided_picture_term_runs_through_generator_and_tower(encoder, parts):
+    """The CLIPInverter-style term: the loss reads the decoded picture."""
+    from backend import generator as gen
+
+    torch.manual_seed(0)
+    model = gen.Generator(
+        gen.GeneratorConfig(encoder.card.embed_dim, channels=(16, 8, 8, 8, 8))
+    ).requires_grad_(False)
+    tower = gen.image_tower(encoder)
+    e_nd = torch.from_numpy(parts[2][:2])
+    text_nd = edits.phrase_embedding(encoder, ["a dog", "a star"])
+    source_nd, target_nd = text_nd[:1], text_nd[1:]
+    base = edits.ClipGuided(steps=5)
+    plain = edits.clip_guided(e_nd, source_nd, target_nd, base)
+    with_picture = edits.clip_guided(
+        e_nd,
+        source_nd,
+        target_nd,
+        edits.ClipGuided(steps=5, picture_weight=5.0),
+        model,
+        tower,
+    )
+    assert with_picture.shape == e_nd.shape
+    assert not torch.allclose(plain, with_picture)
