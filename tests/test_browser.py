@@ -37,6 +37,7 @@ PAGES = [
     ("crossmodal", "Cross-modal"),
     ("traces", "Traces"),
     ("atlas", "Atlas"),
+    ("edits", "Edits"),
 ]
 
 pytestmark = [
