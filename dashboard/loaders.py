@@ -111,7 +111,7 @@ def manifest(ref: CacheRef) -> dict:
 
 @st.cache_resource(show_spinner=False, max_entries=64)
 def describe(ref: CacheRef) -> str:
-    """A one-line name for the cache picker: key, corpus, model, size."""
+    """A one-line name for the cache picker: short key, corpus, model."""
     try:
         data = read_manifest(Path(ref.path))
     except (CacheError, OSError, ValueError):
@@ -120,7 +120,7 @@ def describe(ref: CacheRef) -> str:
     corpus_name = (inputs.get("corpus") or {}).get("name", "?")
     model_name = (inputs.get("model") or {}).get("spec", "?")
     state = "" if data.get("complete") else ", unfinished"
-    return f"{ref.key} · {corpus_name} · {model_name}{state}"
+    return f"{ref.key[:8]} · {corpus_name} · {model_name}{state}"
 
 
 def rebuild_hint(ref: CacheRef) -> str:
