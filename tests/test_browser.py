@@ -180,6 +180,18 @@ def test_atlas_hover_shows_a_thumbnail_and_click_opens_the_atom(app_url, browser
     _assert_no_exception(page, "atlas click")
 
 
+def test_atom_links_carry_the_atom_in_the_url(app_url, browser_page):
+    page = browser_page
+    page.goto(f"{app_url}/atoms?atom=1", wait_until="domcontentloaded")
+    _settle(page, "Atom #1")
+    link = page.locator('[data-testid="stPageLink"] a').first
+    target = link.inner_text().split()[0].lstrip("#")
+    link.click()
+    page.wait_for_url(f"**/atoms?atom={target}", timeout=30_000)
+    _settle(page, f"Atom #{target}")
+    _assert_no_exception(page, "atom link")
+
+
 def _upload(page, name: str, data: bytes) -> None:
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
         files=[{"name": name, "mimeType": "image/png", "buffer": data}]

@@ -253,6 +253,9 @@ def render() -> None:
     ref = widgets.current_cache()
     url_atom = widgets.query_int("atom")
     atom = default_atom(ref) if url_atom is None else url_atom
+    # Write it back: the browser's address bar then always names the atom
+    # shown, also after a link to this same page or with no parameter.
+    st.query_params["atom"] = str(atom)
     by_id, by_label, by_text = st.tabs(["By id", "By label", "By free text"])
     with by_id:
         with widgets.guard("Choosing an atom"):
