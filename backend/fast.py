@@ -3,15 +3,24 @@
 After the first full correlation ``c = D (x - b)``, a pursuit step
 ``r -= c_j D_j`` changes the correlations by ``c -= c_j G_j``: one row of
 ``G`` (``n_atoms`` numbers) instead of a product with the whole dictionary
-(``n_atoms * d``). The numba kernel below does each step as one vectorised
-pass over ``G_j`` per input plus an argmax over the correlations (which stay
-in cache), and runs inputs in parallel. The squared residual norm follows from
-``|r - c_j D_j|^2 = |r|^2 - c_j^2`` (unit-norm atoms), kept in float64.
+(``n_atoms * d``). The numba kernel does each step as one vectorised pass per
+input that updates the correlations block by block and takes each block's
+maximum while it is in cache; inputs run in parallel, in small groups whose
+``G`` rows are read interleaved (the step is bound by memory traffic).
 
-In fp32 the updated correlations drift from ``D r`` by rounding only, so the
-picks match the plain loop (:func:`backend.sae.plain_pursuit`) except at
-near-ties. When ``G`` would exceed ``max_gram_bytes`` the encoder falls back
-to the plain loop, in blocks of inputs, and logs a warning saying so.
+``G`` is stored as int16 fixed point (half the traffic of float32). Each
+input carries a bound on how far its updated correlations may be from the
+exact ``D r`` (quantisation and float32 rounding); every entry within twice
+that bound of the largest is re-computed exactly from the residual, which the
+kernel keeps, before a pick is made. So the picks are those of the exact
+pursuit: they match the plain loop (:func:`backend.sae.plain_pursuit`) except
+at float32 near-ties, and coefficients are exact dot products. The squared
+residual norm follows from ``|r - c_j D_j|^2 = |r|^2 - c_j^2`` (unit-norm
+atoms), kept in float64.
+
+When ``G`` would exceed ``max_gram_bytes`` the encoder falls back to the plain
+loop, in blocks of inputs, and logs a warning saying so (once per size).
+Measured against the plain loop by ``benchmarks/bench_sae.py`` (B1).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from torch import Tensor
 from backend.sae import (
     EncodeResult,
     SparseAutoencoder,
-    _check_threshold,
+    check_threshold,
     codes_from_trace,
     plain_pursuit,
 )
@@ -40,6 +49,8 @@ DEFAULT_BATCH_SIZE = 4096
 
 # sae -> (atoms version, data pointer, Gram matrix as a numpy array)
 _GRAM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (n_atoms, budget) pairs already warned about (the fallback is logged once).
+_WARNED: set[tuple[int, int]] = set()
 
 
 # The argmax runs on integer keys of the float bits: the compiler vectorises
@@ -342,9 +353,13 @@ def gram_matrix(sae: SparseAutoencoder) -> np.ndarray:
 
 
 def _gram_fits(sae: SparseAutoencoder, max_gram_bytes: int) -> bool:
+    """Whether ``G`` fits the budget; warns once per dictionary size if not."""
     needed = gram_bytes(sae.n_atoms)
     if needed <= max_gram_bytes:
         return True
+    if (sae.n_atoms, max_gram_bytes) in _WARNED:
+        return False
+    _WARNED.add((sae.n_atoms, max_gram_bytes))
     logger.warning(
         "Gram matrix of %d atoms needs %.1f GiB (> max_gram_bytes %.1f GiB): "
         "falling back to the plain pursuit loop in blocks, which is much slower",
@@ -398,6 +413,8 @@ def _trace_block(
 
 
 def _concat(parts: list[EncodeResult], dense: bool) -> EncodeResult:
+    if len(parts) == 1:
+        return parts[0]
     fields = []
     for name in EncodeResult._fields:
         if name == "codes" and not dense:
@@ -425,8 +442,8 @@ def fast_encode(
     :func:`backend.sae.codes_from_trace`). Memory per block is about
     ``batch_size * n_atoms * 4`` bytes plus the Gram matrix.
     """
-    _check_threshold(threshold)
-    x_nd, k = sae._prepare(torch.as_tensor(x_nd), k)
+    check_threshold(threshold)
+    x_nd, k = sae.prepare_inputs(torch.as_tensor(x_nd), k)
     x_nd = x_nd.detach().float().cpu()
     use_gram = sae.kind == "mp" and _gram_fits(sae, max_gram_bytes)
     parts = []

@@ -118,7 +118,8 @@ def codes_from_trace(atoms_nk: Tensor, coefficients_nk: Tensor, n_atoms: int) ->
     return codes_nm.scatter_add(1, index_nk, values_nk)
 
 
-def _check_threshold(threshold: float | None) -> None:
+def check_threshold(threshold: float | None) -> None:
+    """Raise ValueError unless ``threshold`` is None or a fraction in [0, 1)."""
     if threshold is not None and not 0.0 <= threshold < 1.0:
         raise ValueError(
             f"threshold is a fraction of |x - b| in [0, 1), got {threshold}"
@@ -155,7 +156,7 @@ def plain_pursuit(
         Select ``argmax c`` and stop when it is ``<= 0`` (True), or select
         ``argmax |c|`` with signed coefficients (False).
     """
-    _check_threshold(threshold)
+    check_threshold(threshold)
     residual_nd = x_nd - bias_d
     norm0_n = residual_nd.norm(dim=-1)
     norms = [norm0_n]
@@ -272,7 +273,8 @@ class SparseAutoencoder(nn.Module):
         """Differentiable encoding for training (``codes`` may be None)."""
         raise NotImplementedError
 
-    def _prepare(self, x_nd: Tensor, k: int | None) -> tuple[Tensor, int]:
+    def prepare_inputs(self, x_nd: Tensor, k: int | None) -> tuple[Tensor, int]:
+        """Check ``(n, d)`` inputs and ``k`` (default: the SAE's); cast to its dtype."""
         x_nd = torch.as_tensor(x_nd)
         if x_nd.ndim != 2 or x_nd.shape[1] != self.d:
             raise ValueError(
@@ -323,7 +325,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
         self, x_nd: Tensor, k: int | None = None, threshold: float | None = None
     ) -> EncodeResult:
         """Encode ``(n, d)`` inputs by at most ``k`` pursuit steps (plain loop)."""
-        x_nd, k = self._prepare(x_nd, k)
+        x_nd, k = self.prepare_inputs(x_nd, k)
         return plain_pursuit(
             x_nd, self.atoms_md, self.bias_d, k, threshold, self.config.nonnegative
         )
@@ -334,7 +336,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
         ``plain=True`` backpropagates through the plain loop itself (slow; the
         reference the fast path is tested and benchmarked against).
         """
-        x_nd, k = self._prepare(x_nd, None)
+        x_nd, k = self.prepare_inputs(x_nd, None)
         if plain:
             return plain_pursuit(
                 x_nd, self.atoms_md, self.bias_d, k, None, self.config.nonnegative
@@ -400,14 +402,14 @@ class TopKSAE(SparseAutoencoder):
         self, x_nd: Tensor, k: int | None = None, threshold: float | None = None
     ) -> EncodeResult:
         """Encode ``(n, d)`` inputs with the ``k`` largest positive pre-activations."""
-        _check_threshold(threshold)
-        x_nd, k = self._prepare(x_nd, k)
+        check_threshold(threshold)
+        x_nd, k = self.prepare_inputs(x_nd, k)
         atoms_nk, coefs_nk = self._topk(x_nd, k)
         return self._result(x_nd, atoms_nk, coefs_nk, threshold)
 
     def forward(self, x_nd: Tensor) -> EncodeResult:
         """Training pass: the residual ``x - x_hat`` carries the gradient."""
-        x_nd, k = self._prepare(x_nd, None)
+        x_nd, k = self.prepare_inputs(x_nd, None)
         atoms_nk, coefs_nk = self._topk(x_nd, k)
         index_nk = atoms_nk.clamp(min=0)
         x_hat_nd = (coefs_nk[..., None] * self.atoms_md[index_nk]).sum(1) + self.bias_d
