@@ -254,13 +254,32 @@ def atom_label_index(ref: CacheRef) -> pd.Series:
 def item_names(ref: CacheRef) -> pd.Series:
     """A short readable name per activation row, for pickers and tables."""
     data = items(ref)
-    is_text = data["modality"] == "text"
-    image_name = data["level2"].fillna(data["corpus_id"]).astype(str)
-    name = np.where(is_text, '"' + data["text"].astype(str) + '"', image_name)
+    is_text = (data["modality"] == "text").to_numpy()
+    name = np.where(is_text, '"' + data["text"].astype(str) + '"', short_names(ref))
     prefix = np.where(is_text, "text", "image")
     return pd.Series(
         [f"{p} · {n}" for p, n in zip(prefix, name, strict=True)], index=data.index
     )
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def short_names(ref: CacheRef) -> pd.Series:
+    """Caption-like name per row: a text's own text; for an image its first
+    caption, else its finest non-empty hierarchy label, else its corpus id."""
+    data = items(ref)
+    texts = data["text"].astype(str).to_numpy()
+    names = pd.Series(texts, index=data.index, dtype=object)
+    fallback = data["corpus_id"].astype(str)
+    for level in ("level0", "level1", "level2"):
+        labels = data[level].astype("string").str.strip()
+        fallback = labels.where(labels.fillna("") != "", fallback)
+    is_image = (data["modality"] == "image").to_numpy()
+    pair = data["pair_row"].to_numpy()
+    has_caption = is_image & (pair >= 0)
+    names[has_caption] = texts[pair[has_caption]]
+    alone = is_image & ~has_caption
+    names[alone] = fallback[alone].to_numpy()
+    return names
 
 
 @st.cache_resource(show_spinner="Loading the SAE ...", max_entries=4)

@@ -122,7 +122,7 @@ def show_top_items(ref: CacheRef, atom: int) -> None:
             top = _top(ref, atom, "image")
             ids = data.loc[top["row"], "corpus_id"].tolist()
             images = [loaders.thumbnail_bytes(ref, cid) for cid in ids]
-            names = data.loc[top["row"], "level2"].fillna("").tolist()
+            names = loaders.short_names(ref).loc[top["row"]].tolist()
             captions = [
                 f"{c:.2f} · {n}" for c, n in zip(top["coefficient"], names, strict=True)
             ]

@@ -60,7 +60,7 @@ def show_shared(ref: CacheRef) -> None:
                     loaders.thumbnail_bytes(ref, cid)
                     for cid in data.loc[rows, "corpus_id"]
                 ],
-                data.loc[rows, "level2"].fillna("").tolist(),
+                loaders.short_names(ref).loc[rows].tolist(),
                 columns=4,
             )
         rows = _top_rows(tops, int(info.atom), "text", 4)
