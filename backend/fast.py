@@ -332,6 +332,15 @@ _gram_pursuit_serial = numba.njit(cache=True)(_gram_pursuit)
 PARALLEL_MIN_WORK = 1 << 23
 
 
+@numba.njit(cache=True)
+def add_rows(out_md, index_r, rows_rd):
+    """``out_md[index_r[i]] += rows_rd[i]`` for every ``i``, in order."""
+    for i in range(index_r.shape[0]):
+        row = index_r[i]
+        for e in range(rows_rd.shape[1]):
+            out_md[row, e] += rows_rd[i, e]
+
+
 def gram_bytes(n_atoms: int) -> int:
     """Bytes of the (int16) Gram matrix of ``n_atoms`` atoms."""
     return 2 * n_atoms * n_atoms

@@ -182,6 +182,39 @@ def plain_pursuit(
     )
 
 
+class _GatherRows(torch.autograd.Function):
+    """``table[index]`` whose backward adds rows in one serial pass.
+
+    The gradient of a row gather is a scatter-add of ``index.numel()`` rows
+    into the table; torch's CPU ``index_add_`` is several times slower at
+    training sizes, and the serial loop is deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, table_md: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.table_shape = table_md.shape
+        flat = table_md.index_select(0, index.reshape(-1))
+        return flat.view(*index.shape, table_md.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        grad_rd = grad.reshape(-1, grad.shape[-1]).contiguous()
+        out_md = torch.zeros(ctx.table_shape, dtype=grad.dtype, device=grad.device)
+        if grad.device.type != "cpu":
+            return out_md.index_add_(0, index.reshape(-1), grad_rd), None
+        from backend.fast import add_rows
+
+        add_rows(out_md.numpy(), index.reshape(-1).numpy(), grad_rd.numpy())
+        return out_md, None
+
+
+def gather_rows(table_md: Tensor, index: Tensor) -> Tensor:
+    """``table_md[index]`` (shape ``index.shape + (d,)``), differentiable."""
+    return _GatherRows.apply(table_md, index)
+
+
 def regather_pursuit(
     x_nd: Tensor, atoms_md: Tensor, bias_d: Tensor, atoms_nk: Tensor
 ) -> EncodeResult:
@@ -198,7 +231,7 @@ def regather_pursuit(
     """
     residual_nd = x_nd - bias_d
     live_nk1 = (atoms_nk >= 0).unsqueeze(-1).to(atoms_md.dtype)
-    picked_nkd = atoms_md[atoms_nk.clamp(min=0)] * live_nk1
+    picked_nkd = gather_rows(atoms_md, atoms_nk.clamp(min=0)) * live_nk1
     start_nk1 = picked_nkd @ residual_nd.unsqueeze(-1)
     lower_nkk = (picked_nkd @ picked_nkd.transpose(1, 2)).tril(diagonal=-1)
     eye_kk = torch.eye(atoms_nk.shape[1], dtype=atoms_md.dtype, device=atoms_md.device)

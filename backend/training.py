@@ -304,8 +304,8 @@ class Trainer:
         self.optimizer.step()
         self.sae.normalize_atoms_()
         self.step += 1
-        used = result.atoms[result.atoms >= 0].unique().cpu()
-        self.last_used_m[used] = self.step
+        picked = result.atoms[result.atoms >= 0].cpu()
+        self.last_used_m[picked] = self.step
         self.window.add(
             result.residual, x_nd, self.mean_d, distinct_atoms(result.atoms)
         )
