@@ -56,7 +56,9 @@ class TrainConfig:
     lr : float
         Adam learning rate.
     seed : int
-        Seed of the batch order and of dead-atom resampling.
+        Seed of the batch order and of dead-atom resampling. A run is
+        deterministic for a given seed, SAE initialisation and thread count
+        (float sums may differ between thread counts).
     log_every : int
         Steps per metrics row (metrics are averaged over the window).
     init_from_data : bool
@@ -242,7 +244,9 @@ class _Window:
     l0: float = 0.0
     steps: int = 0
 
-    def add(self, residual_nd: Tensor, x_nd: Tensor, mean_d: Tensor, l0_n: Tensor):
+    def add(
+        self, residual_nd: Tensor, x_nd: Tensor, mean_d: Tensor, l0_n: Tensor
+    ) -> None:
         self.sse += float(residual_nd.detach().pow(2).sum())
         self.sst += float((x_nd - mean_d).pow(2).sum())
         self.elements += residual_nd.numel()

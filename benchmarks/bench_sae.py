@@ -155,8 +155,6 @@ def case_topk_encode_decode(size, out):
 
 
 def _train_case(kind: str, plain: bool, size: dict, repeats: int):
-    import torch
-
     from backend.training import TrainConfig, Trainer
 
     warm_numba()
@@ -166,6 +164,7 @@ def _train_case(kind: str, plain: bool, size: dict, repeats: int):
     trainer = Trainer(sae, acts_nd, config)
     trainer.start()
     if plain:
+        # The reference step: backpropagate through the plain loop itself.
         sae.forward = lambda x_nd: type(sae).forward(sae, x_nd, plain=True)
     base = rss_mib()
     trainer.train_step()  # warm-up: allocations, Adam state
@@ -173,7 +172,6 @@ def _train_case(kind: str, plain: bool, size: dict, repeats: int):
     for _ in range(repeats):
         trainer.train_step()
     seconds = (time.perf_counter() - start) / repeats
-    del torch
     return {"seconds": seconds, "peak_mib": peak_mib() - base}
 
 
