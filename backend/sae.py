@@ -412,13 +412,9 @@ class TopKSAE(SparseAutoencoder):
     def _result(
         self, x_nd: Tensor, atoms_nk: Tensor, coefs_nk: Tensor, threshold: float | None
     ) -> EncodeResult:
-        # Residual after adding each atom in order of decreasing coefficient.
-        contrib_nkd = coefs_nk[..., None] * self.atoms_md[atoms_nk.clamp(min=0)]
         start_nd = x_nd - self.bias_d
-        partial_nkd = start_nd[:, None] - contrib_nkd.cumsum(dim=1)
-        norms_nk1 = torch.cat(
-            [start_nd.norm(dim=-1)[:, None], partial_nkd.norm(dim=-1)], dim=1
-        )
+        picked_nkd = self.atoms_md[atoms_nk.clamp(min=0)]
+        norms_nk1 = _prefix_norms(start_nd, picked_nkd, coefs_nk)
         if threshold is not None:
             # Keep step t only while the norm before it is above the threshold.
             keep_nk = norms_nk1[:, :-1] > threshold * norms_nk1[:, :1]
@@ -427,7 +423,8 @@ class TopKSAE(SparseAutoencoder):
             coefs_nk = coefs_nk * keep_nk
             return self._result(x_nd, atoms_nk, coefs_nk, None)
         codes_nm = codes_from_trace(atoms_nk, coefs_nk, self.n_atoms)
-        residual_nd = x_nd - self.decode(codes_nm)
+        residual_nd = start_nd - torch.einsum("nk,nkd->nd", coefs_nk, picked_nkd)
+        norms_nk1[:, -1] = residual_nd.norm(dim=-1)
         return EncodeResult(codes_nm, residual_nd, atoms_nk, coefs_nk, norms_nk1)
 
     @torch.no_grad()
@@ -449,6 +446,25 @@ class TopKSAE(SparseAutoencoder):
         residual_nd = x_nd - x_hat_nd
         norms_n = residual_nd.norm(dim=-1)
         return EncodeResult(None, residual_nd, atoms_nk, coefs_nk, norms_n[:, None])
+
+
+def _prefix_norms(start_nd: Tensor, picked_nkd: Tensor, coefs_nk: Tensor) -> Tensor:
+    """``|r_t|`` after adding the first ``t`` atoms, ``t = 0..k``: ``(n, k + 1)``.
+
+    ``|r_t|^2 = |r_0|^2 - 2 sum_{s<=t} a_s <r_0, D_s>
+    + sum_{s,s'<=t} a_s a_s' <D_s, D_s'>``: small ``(n, k, k)`` products
+    instead of ``k`` partial residuals of width ``d``, summed in float64.
+    """
+    dots_nk = (picked_nkd @ start_nd.unsqueeze(-1)).squeeze(-1).double()
+    gram_nkk = (picked_nkd @ picked_nkd.transpose(1, 2)).double()
+    coefs_nk = coefs_nk.double()
+    linear_nk = (coefs_nk * dots_nk).cumsum(dim=1)
+    quad_nkk = coefs_nk[:, :, None] * gram_nkk * coefs_nk[:, None, :]
+    quad_nk = quad_nkk.cumsum(dim=1).cumsum(dim=2).diagonal(dim1=1, dim2=2)
+    start_n = start_nd.double().pow(2).sum(-1)
+    squares_nk = (start_n[:, None] - 2 * linear_nk + quad_nk).clamp(min=0)
+    norms_nk1 = torch.cat([start_n[:, None], squares_nk], dim=1).sqrt()
+    return norms_nk1.to(start_nd.dtype)
 
 
 SAE_KINDS: dict[str, type[SparseAutoencoder]] = {

@@ -224,10 +224,19 @@ def test_bad_input_is_a_clear_error():
 
 def test_topk_trace_is_sorted_and_matches_codes():
     sae = make_sae("topk", 12, 30, 6, seed=8)
-    result = sae.encode(gaussian(20, 12, 9))
+    x_nd = gaussian(20, 12, 9)
+    result = sae.encode(x_nd)
     coefs = result.coefficients
     assert torch.all(coefs[:, :-1] >= coefs[:, 1:])
     torch.testing.assert_close(codes_from_trace(result.atoms, coefs, 30), result.codes)
+    # Residual norms after adding the atoms one by one, computed directly.
+    atoms_nkd = sae.atoms_md.detach()[result.atoms.clamp(min=0)]
+    added_nkd = (coefs[..., None] * atoms_nkd).cumsum(dim=1)
+    partial_nkd = (x_nd - sae.bias_d.detach())[:, None] - added_nkd
+    expected = torch.cat(
+        [result.residual_norms[:, :1], partial_nkd.norm(dim=-1)], dim=1
+    )
+    torch.testing.assert_close(result.residual_norms, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_mp_forward_gradient_equals_unrolled_loop():
