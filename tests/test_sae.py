@@ -210,6 +210,19 @@ def test_save_load_round_trip(tmp_path, kind):
         (TopKSAE if kind == "mp" else MatchingPursuitSAE).load(tmp_path / kind)
 
 
+@settings(max_examples=10, deadline=None)
+@given(sizes=sizes, kind=st.sampled_from(["mp", "topk"]), signed=st.booleans())
+def test_save_load_round_trip_property(tmp_path_factory, sizes, kind, signed):
+    d, n_atoms, k, seed = sizes
+    sae = make_sae(kind, d, n_atoms, k, seed, nonnegative=kind == "topk" or not signed)
+    folder = tmp_path_factory.mktemp("sae")
+    loaded = load_sae(sae.save(folder))
+    assert loaded.config == sae.config
+    x_nd = gaussian(5, d, seed + 4)
+    for before, after in zip(sae.encode(x_nd), loaded.encode(x_nd), strict=True):
+        assert torch.equal(before, after)
+
+
 def test_bad_input_is_a_clear_error():
     sae = MatchingPursuitSAE(8, 10, 3)
     with pytest.raises(ValueError, match=r"shape \(n, 8\)"):
