@@ -56,7 +56,10 @@ def _add_train(actions) -> None:
     cmd.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     cmd.add_argument("--seed", type=int, default=defaults.seed)
     cmd.add_argument(
-        "--threads", type=int, default=None, help="torch/numba threads (None: the process default)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/numba threads (None: the process default)",
     )
     cmd.add_argument(
         "--checkpoint-every", type=int, default=200, help="steps between checkpoints"
