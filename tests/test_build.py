@@ -84,7 +84,7 @@ def test_tiny_build_figures_are_real(tiny_cache):
     mp = fvu.query("sae == 'mp' and modality == 'image'").set_index("k").fvu
     image = (items.modality == "image").to_numpy()
     x = acts[image]
-    recon = sae.decode(result.codes[torch.from_numpy(image)]).detach().numpy()
+    recon = sae.decode(result.codes[torch.tensor(image)]).detach().numpy()
     want = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert mp[TINY_SETTINGS.sae.k] == pytest.approx(want, rel=1e-3)
     assert (np.diff(mp.to_numpy()) <= 1e-6).all()  # MP residual never grows
