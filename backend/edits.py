@@ -99,7 +99,8 @@ class ClipGuided:
     Attributes
     ----------
     target_weight:
-        Pull of ``cos(e', T(target))``.
+        Pull of ``cos(e', T(target))``, or with ``contrastive`` of
+        ``cos(e', T(target)) - cos(e', T(source))``.
     keep_weight:
         Pull back towards the original, ``1 - cos(e', e)``.
     direction_weight:
@@ -108,6 +109,12 @@ class ClipGuided:
     picture_weight:
         Weight of ``1 - cos(I(G(e')), T(target))`` through the generator and
         the frozen image tower; needs both (0 = off).
+    contrastive:
+        Pull towards the target *and away from the source*. Text embeddings
+        sit apart from image embeddings (CLIP's modality gap); the plain pull
+        drags the image embedding towards the text cluster, while the
+        difference of the two cosines has its gradient along ``T(target) -
+        T(source)``, in which the gap cancels.
     steps:
         Gradient steps (SGD with momentum 0.9).
     lr:
@@ -122,10 +129,11 @@ class ClipGuided:
         Seed of the jitter.
     """
 
-    target_weight: float = 1.0
+    target_weight: float = 3.0
     keep_weight: float = 1.0
-    direction_weight: float = 4.0
+    direction_weight: float = 1.0
     picture_weight: float = 0.0
+    contrastive: bool = True
     steps: int = 60
     lr: float = 0.1
     jitter: float = 0.01
@@ -238,6 +246,7 @@ def clip_guided(
         loss = _clip_guided_loss(
             F.normalize(v_nd, dim=-1),
             e_nd,
+            source_nd,
             target_nd,
             direction_nd,
             config,
@@ -251,13 +260,16 @@ def clip_guided(
 
 
 def _clip_guided_loss(
-    edited_nd, e_nd, target_nd, direction_nd, config, generator, tower
+    edited_nd, e_nd, source_nd, target_nd, direction_nd, config, generator, tower
 ):
     change_nd = edited_nd - e_nd
     along_n = (change_nd * direction_nd).sum(-1, keepdim=True)
     off_direction_n = (change_nd - along_n * direction_nd).pow(2).sum(-1)
+    pull_n = (edited_nd * target_nd).sum(-1)
+    if config.contrastive:
+        pull_n = pull_n - (edited_nd * source_nd).sum(-1)
     loss_n = (
-        -config.target_weight * (edited_nd * target_nd).sum(-1)
+        -config.target_weight * pull_n
         + config.keep_weight * (1 - (edited_nd * e_nd).sum(-1))
         + config.direction_weight * off_direction_n
     )

@@ -112,7 +112,7 @@ def clip_guided_controls(seed: int, has_generator: bool) -> edits.ClipGuided:
     defaults = edits.ClipGuided()
     cols = st.columns(4)
     target = cols[0].slider(
-        "pull to target", 0.0, 3.0, defaults.target_weight, 0.1, key="edit_cg_target"
+        "pull to target", 0.0, 6.0, defaults.target_weight, 0.1, key="edit_cg_target"
     )
     keep = cols[1].slider(
         "stay close", 0.0, 3.0, defaults.keep_weight, 0.1, key="edit_cg_keep"
@@ -130,8 +130,17 @@ def clip_guided_controls(seed: int, has_generator: bool) -> edits.ClipGuided:
         disabled=not has_generator,
         help="1 - cos(tower(G(e')), T(target)) through the generator",
     )
-    steps = st.slider("steps", 0, 200, defaults.steps, 10, key="edit_cg_steps")
+    left, right = st.columns([3, 1])
+    steps = left.slider("steps", 0, 200, defaults.steps, 10, key="edit_cg_steps")
+    contrastive = right.checkbox(
+        "and away from the source",
+        defaults.contrastive,
+        key="edit_cg_contrastive",
+        help="pull = cos(e', T(target)) - cos(e', T(source)): the modality gap "
+        "cancels, so the image embedding is not dragged towards the texts",
+    )
     return edits.ClipGuided(
+        contrastive=contrastive,
         target_weight=target,
         keep_weight=keep,
         direction_weight=direction,
