@@ -36,8 +36,18 @@ def show_modality_histogram(ref: CacheRef) -> None:
 def show_shared(ref: CacheRef) -> None:
     left, right = st.columns(2)
     band = left.slider("Modality score between", 0.0, 1.0, (0.3, 0.7), 0.05, key="band")
+    # Bridge scores are often small; the slider spans the values this cache has.
+    top = float(np.ceil(loaders.atoms(ref)["bridge_score"].max() * 100) / 100) or 1.0
     min_bridge = right.slider(
-        "Bridge score at least", 0.0, 1.0, 0.1, 0.05, key="min_bridge"
+        "Bridge score at least",
+        0.0,
+        top,
+        0.0,
+        top / 100,
+        key="min_bridge",
+        format="%.3f",
+        help="share of (image, own caption) pairs firing the atom on both, among "
+        "pairs where it fires on either",
     )
     found = analysis.shared_atoms(ref, band, min_bridge)
     st.caption(
