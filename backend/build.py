@@ -822,7 +822,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for kind in SAE_KINDS:
         fvu = summary[kind]["fvu"]
         figures = ", ".join(
-            f"{m} " + " ".join(f"k={k}: {v:.3f}" for k, v in fvu[m].items())
+            f"{m} "
+            + " ".join(f"k={k}: {fvu[m][k]:.3f}" for k in sorted(fvu[m], key=int))
             for m in ("image", "text")
             if m in fvu
         )

@@ -902,11 +902,18 @@ def suggest_labels(
 
     Levels are tried fine to coarse; the first whose most common label holds
     at least ``config.label_share`` of the atom's labelled firings wins.
-    Otherwise the label is the three most common content words of the
-    captions among its top texts, weighted by coefficient.
+    Otherwise the label is the three words of its top texts with the largest
+    coefficient-weighted inverse document frequency over all captions, so
+    that caption-template words ("picture", "category") give way to the
+    words that set these captions apart.
     """
     order = [lv for lv in reversed(LEVELS) if lv in stats.label_counts]
     text_n = items["text"].astype(str).to_numpy() if "text" in items else None
+    idf = (
+        _idf(text_n[(items["modality"] == "text").to_numpy()])
+        if text_n is not None
+        else {}
+    )
     tops = stats.top_items[stats.top_items["modality"] == "text"]
     tops_by_atom = dict(tuple(tops.groupby("atom")))
     out = []
@@ -916,9 +923,18 @@ def suggest_labels(
             continue
         out.append(
             _label_one(atom, stats, order, config.label_share)
-            or _words_label(tops_by_atom.get(atom), text_n)
+            or _words_label(tops_by_atom.get(atom), text_n, idf)
         )
     return out
+
+
+def _idf(texts: np.ndarray) -> dict[str, float]:
+    """``log(n / df)`` of every content word over ``texts``."""
+    df: Counter[str] = Counter()
+    for text in texts:
+        df.update(set(_WORD.findall(text.lower())) - _STOP)
+    n = max(len(texts), 1)
+    return {word: float(np.log(n / count)) for word, count in df.items()}
 
 
 def _label_one(
@@ -937,13 +953,15 @@ def _label_one(
     return None
 
 
-def _words_label(tops: pd.DataFrame | None, text_n: np.ndarray | None) -> AtomLabel:
+def _words_label(
+    tops: pd.DataFrame | None, text_n: np.ndarray | None, idf: dict[str, float]
+) -> AtomLabel:
     if tops is None or text_n is None or tops.empty:
         return AtomLabel("(no text)", "words", np.nan)
     weights: Counter[str] = Counter()
     for row, coef in zip(tops["row"], tops["coefficient"], strict=True):
         for word in set(_WORD.findall(text_n[row].lower())) - _STOP:
-            weights[word] += float(coef)
+            weights[word] += float(coef) * idf.get(word, 1.0)
     words = [w for w, _ in weights.most_common(3)]
     return AtomLabel(", ".join(words) or "(no words)", "words", np.nan)
 

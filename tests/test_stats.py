@@ -309,3 +309,17 @@ def test_modality_split_counts():
         "shared": 1,
         "dead": 1,
     }
+
+
+def test_word_labels_prefer_distinctive_words():
+    """Without categories, an atom is named by the words that set its top
+    captions apart, not by the caption template they all share."""
+    texts = [f"a picture of a {w} in the category" for w in ["cat"] * 3 + ["dog"] * 3]
+    items = pd.DataFrame({"modality": "text", "pair_row": -1, "text": texts})
+    atoms = np.array([[0], [0], [0], [1], [1], [1]], np.int32)
+    traces = Traces(atoms, np.ones((6, 1), np.float32), np.ones((6, 2), np.float32))
+    stats = trace_stats(traces, items, np.ones(6), 2)
+    labels = suggest_labels(stats, items)
+    assert labels[0].label.split(", ")[0] == "cat"
+    assert labels[1].label.split(", ")[0] == "dog"
+    assert labels[0].source == "words"
