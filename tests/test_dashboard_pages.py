@@ -184,12 +184,12 @@ def test_atom_page_lists_top_items_and_related_atoms(cache_env):
 
 def test_atom_picture_on_request(cache_env):
     at = open_page("atoms", atom="1")
-    before = len(at.get("imgs"))
+    before = len(at.get("image"))
     at.toggle(key="atom_picture").set_value(True).run()
     assert_clean(at)
     # A picture when a generator for this model is shipped, else why not.
     notes = [i.value for i in at.info if i.value.startswith("No picture")]
-    assert len(at.get("imgs")) == before + 1 or notes
+    assert len(at.get("image")) == before + 1 or notes
 
 
 def test_unknown_atom_and_bad_parameter_are_explained(cache_env):
