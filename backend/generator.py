@@ -430,7 +430,7 @@ class ReconstructionReport(NamedTuple):
     model's own preprocessing); ``cosine_baseline``: the same for the mean
     training picture (what a generator that ignores its input would score);
     ``pixel_mse`` and ``psnr`` (dB) against the image at the generator's size,
-    pixels in [0, 1].
+    pixels in [0, 1]; ``pixel_mse_baseline``: the mean picture's pixel MSE.
     """
 
     n: int
@@ -438,6 +438,7 @@ class ReconstructionReport(NamedTuple):
     cosine_baseline: float
     pixel_mse: float
     psnr: float
+    pixel_mse_baseline: float
 
 
 class GeneratorTrainResult(NamedTuple):
@@ -702,12 +703,16 @@ def evaluate_generator(
     ).float()
     baseline = float((data.emb_nd @ mean_emb[0]).mean())
     mse = float(torch.cat(sq_errors).mean())
+    mean_quantised = (mean_picture_3hw * 255).round() / 255
+    targets = data.pixels_n3hw.float() / 255
+    mse_baseline = float(((mean_quantised - targets) ** 2).mean())
     return ReconstructionReport(
         n=len(data.ids),
         cosine=float(torch.cat(cosines).mean()),
         cosine_baseline=baseline,
         pixel_mse=mse,
         psnr=float(10 * math.log10(1.0 / max(mse, 1e-12))),
+        pixel_mse_baseline=mse_baseline,
     )
 
 
@@ -884,6 +889,7 @@ def _format_report(report: ReconstructionReport) -> str:
         f"embedding cosine (input vs decoded picture re-encoded): {report.cosine:.3f}"
         f" (constant mean picture: {report.cosine_baseline:.3f})\n"
         f"pixel MSE: {report.pixel_mse:.4f}  PSNR: {report.psnr:.1f} dB"
+        f" (constant mean picture: {report.pixel_mse_baseline:.4f})"
     )
 
 
@@ -949,7 +955,8 @@ def _training_notes(args, meta: dict) -> str:
         "",
         f"Held-out ({test['n']} test images): embedding cosine "
         f"{test['cosine']:.3f} (a constant mean picture scores "
-        f"{test['cosine_baseline']:.3f}), pixel MSE {test['pixel_mse']:.4f}, "
+        f"{test['cosine_baseline']:.3f}), pixel MSE {test['pixel_mse']:.4f} "
+        f"(the mean picture: {test.get('pixel_mse_baseline', float('nan')):.4f}), "
         f"PSNR {test['psnr']:.1f} dB.",
         "",
     ]
