@@ -190,7 +190,7 @@ def build_cache(
     corp = _limited(load_corpus(corpus), limit)
     sae_dir = Path(sae_path).resolve() if sae_path else None
     inputs = _inputs(model, encoder, corpus, corp, settings, limit, sae_dir)
-    key = cache.cache_key(inputs)
+    key = cache.cache_key(_location_free(inputs))
     folder = Path(cache_root) / key
     manifest = _open_manifest(folder, key, inputs, command or _default_command())
     ctx = _Context(folder, manifest, encoder, corp, settings, sae_dir)
@@ -256,6 +256,21 @@ def _inputs(
         "settings": settings.key_inputs(),
         "sae_path": sae_input,
     }
+
+
+def _location_free(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` without the model's weights or checkpoint path, for the key.
+
+    The weights fingerprint already hashes their content; the path only says
+    where this checkout lies, and two clones must share keys.
+    """
+    card = dict(inputs["model"]["card"])
+    card["details"] = {
+        k: v
+        for k, v in (card.get("details") or {}).items()
+        if k not in ("weights", "checkpoint")
+    }
+    return {**inputs, "model": {**inputs["model"], "card": card}}
 
 
 def _default_command() -> str:

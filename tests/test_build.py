@@ -200,3 +200,18 @@ def test_build_with_a_given_sae(tiny_cache, tmp_path, tiny_model):
     assert manifest["stages"]["train_mp"]["loaded_from"].endswith("sae/mp")
     for rel in ("sae/mp/weights.safetensors", "codes/mp_atoms.npy"):
         assert (folder / rel).read_bytes() == (tiny_cache / rel).read_bytes()
+
+
+def test_key_does_not_depend_on_where_the_weights_lie():
+    from backend.build import _location_free
+    from backend.cache import cache_key
+
+    def inputs(path, fingerprint="abc"):
+        card = {"name": "mini", "details": {"weights": path, "layers": 4}}
+        return {"model": {"spec": "mini", "fingerprint": fingerprint, "card": card}}
+
+    here, there = inputs("/a/weights.safetensors"), inputs("/b/weights.safetensors")
+    assert cache_key(_location_free(here)) == cache_key(_location_free(there))
+    other = inputs("/a/weights.safetensors", fingerprint="def")
+    assert cache_key(_location_free(here)) != cache_key(_location_free(other))
+    assert here["model"]["card"]["details"]["weights"] == "/a/weights.safetensors"
