@@ -17,6 +17,11 @@ SAE_DASH = {"mp": "solid", "topk": "dash"}
 SAE_NAMES = {"mp": "MP-SAE", "topk": "TopK SAE"}
 
 
+def _named_sae(data: pd.DataFrame) -> pd.DataFrame:
+    """``data`` with its ``sae`` column in readable names ("mp" -> "MP-SAE")."""
+    return data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
+
+
 def _compact(fig: go.Figure, height: int = 320) -> go.Figure:
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10))
     return fig
@@ -25,7 +30,7 @@ def _compact(fig: go.Figure, height: int = 320) -> go.Figure:
 def fvu_by_k(data: pd.DataFrame) -> go.Figure:
     """FVU against k: one line per SAE and modality (log y, k >= 1)."""
     data = data[(data["k"] >= 1) & data["modality"].isin(["image", "text"])]
-    data = data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
+    data = _named_sae(data)
     fig = px.line(
         data.sort_values("k"),
         x="k",
@@ -43,7 +48,7 @@ def fvu_by_k(data: pd.DataFrame) -> go.Figure:
 
 def l0_distribution(data: pd.DataFrame) -> go.Figure:
     """How many atoms each input uses, per SAE and modality (bars)."""
-    data = data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
+    data = _named_sae(data)
     fig = px.bar(
         data,
         x="l0",
@@ -91,7 +96,7 @@ def cosine_histograms(samples: dict[str, np.ndarray], bins: int = 80) -> go.Figu
 
 def hierarchy_lines(data: pd.DataFrame) -> go.Figure:
     """Accuracy of predicting each hierarchy level from the atom at step t."""
-    data = data.assign(sae=data["sae"].map(SAE_NAMES).fillna(data["sae"]))
+    data = _named_sae(data)
     fig = px.line(
         data.sort_values("step"),
         x="step",
