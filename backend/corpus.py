@@ -42,6 +42,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from backend import CACHE_ROOT
+from backend.atomic import write_json
 from backend.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -69,9 +71,14 @@ LEVELS = ("level0", "level1", "level2")
 SPLITS = ("train", "test")
 TEST_PERCENT = 10
 
-# Results of check_image, keyed by (path, size, mtime): each file is checked
-# once per process even when a corpus is loaded again.
-_CHECKED: dict[tuple[str, int, int], tuple[str, ...] | ImageSkipped] = {}
+# Results of check_image, keyed by (path, size, mtime, max_pixels): each file
+# is checked once per process even when a corpus is loaded again, and once in
+# all while it is unchanged, since the results are also kept on disk
+# (CHECKS_DIR, one JSON file per corpus folder).
+_CHECKED: dict[tuple[str, int, int, int], tuple[str, ...] | ImageSkipped] = {}
+CHECKS_DIR = CACHE_ROOT / "image-checks"
+CHECKS_VERSION = 1
+CHECKS_MIN_IMAGES = 1000  # smaller folders are checked afresh in well under 1 s
 
 
 @dataclass
@@ -396,7 +403,7 @@ def _check_one(path: Path, max_pixels: int) -> tuple[str, ...] | ImageSkipped:
         stat = path.stat()
     except OSError as err:
         return ImageSkipped(path, "missing file", str(err))
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, max_pixels)
     if key not in _CHECKED:
         try:
             _CHECKED[key] = check_image(path, max_pixels)
@@ -405,11 +412,74 @@ def _check_one(path: Path, max_pixels: int) -> tuple[str, ...] | ImageSkipped:
     return _CHECKED[key]
 
 
+def _checks_file(root: Path, max_pixels: int) -> Path:
+    digest = hashlib.sha1(f"{root.resolve()}|{max_pixels}".encode()).hexdigest()
+    return CHECKS_DIR / f"{digest[:16]}.json"
+
+
+def _read_checks(root: Path, max_pixels: int) -> int:
+    """Put the kept results of earlier checks under ``root`` into ``_CHECKED``.
+
+    A kept result counts only for a file of the same size and modification
+    time, so an edited or replaced file is checked again. Returns how many
+    results were read.
+    """
+    try:
+        kept = json.loads(_checks_file(root, max_pixels).read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(kept, dict) or kept.get("version") != CHECKS_VERSION:
+        return 0
+    for name, entry in kept.get("files", {}).items():
+        size, mtime_ns, kinds, reason, detail = entry
+        path = root / name
+        key = (str(path), size, mtime_ns, max_pixels)
+        _CHECKED[key] = ImageSkipped(path, reason, detail) if reason else tuple(kinds)
+    return len(kept.get("files", {}))
+
+
+def _write_checks(root: Path, max_pixels: int, paths: list[Path]) -> None:
+    """Keep the results for ``paths`` on disk (quietly skipped where read-only)."""
+    files = {}
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # missing files are checked again next time
+        result = _CHECKED.get((str(path), stat.st_size, stat.st_mtime_ns, max_pixels))
+        if result is None:
+            continue
+        name = path.relative_to(root).as_posix()
+        if isinstance(result, ImageSkipped):
+            files[name] = [
+                stat.st_size,
+                stat.st_mtime_ns,
+                [],
+                result.reason,
+                result.detail,
+            ]
+        else:
+            files[name] = [stat.st_size, stat.st_mtime_ns, list(result), "", ""]
+    try:
+        write_json(
+            _checks_file(root, max_pixels),
+            {"version": CHECKS_VERSION, "root": str(root), "files": files},
+        )
+    except OSError as err:
+        log.debug("image checks not kept: %s", err)
+
+
 def _check_images(
     root: Path, table: pd.DataFrame, max_pixels: int
 ) -> tuple[pd.DataFrame, ImageReport]:
-    """Check every image once; drop the unusable rows and count why."""
+    """Check every image (once while it is unchanged); drop unusable rows and
+    count why."""
     paths = [root / image for image in table["image"]]
+    keep_on_disk = len(paths) >= CHECKS_MIN_IMAGES
+    before = len(_CHECKED)
+    if keep_on_disk:
+        _read_checks(root, max_pixels)
+    read = len(_CHECKED)
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(
             tqdm(
@@ -420,6 +490,8 @@ def _check_images(
                 disable=len(paths) < 2000,
             )
         )
+    if keep_on_disk and (len(_CHECKED) > read or read == before):
+        _write_checks(root, max_pixels, paths)
     report = ImageReport()
     keep = []
     for path, result in zip(paths, results, strict=True):

@@ -186,3 +186,34 @@ def test_build_is_reproducible(tmp_path):
                 tmp_path / "two" / rel
             ).read_bytes(), rel
     assert len(load_corpus(tmp_path / "one")) == 30
+
+
+def test_image_checks_are_kept_until_a_file_changes(tmp_path, monkeypatch):
+    from backend import corpus as corpus_module
+
+    root = _user_folder(tmp_path / "folder")
+    monkeypatch.setattr(corpus_module, "CHECKS_DIR", tmp_path / "checks")
+    monkeypatch.setattr(corpus_module, "CHECKS_MIN_IMAGES", 1)
+    monkeypatch.setattr(corpus_module, "_CHECKED", {})
+    assert len(load_corpus(root).table) == 3
+    assert len(list((tmp_path / "checks").glob("*.json"))) == 1
+
+    # A new process: nothing in memory, so only the kept results can help.
+    checked = []
+    real_check = corpus_module.check_image
+    monkeypatch.setattr(corpus_module, "_CHECKED", {})
+    monkeypatch.setattr(
+        corpus_module,
+        "check_image",
+        lambda path, *args: checked.append(path) or real_check(path, *args),
+    )
+    assert len(load_corpus(root).table) == 3
+    assert checked == []
+
+    # An edited file is checked again, and its new state counts.
+    frog = root / "wild" / "frog.png"
+    frog.write_bytes(frog.read_bytes()[:100])
+    corpus = load_corpus(root)
+    assert checked == [frog]
+    assert len(corpus.table) == 2
+    assert corpus.report.n_skipped == 1
