@@ -28,7 +28,6 @@ import platform
 import resource
 import shlex
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -192,7 +191,10 @@ def build_cache(
     inputs = _inputs(model, encoder, corpus, corp, settings, limit, sae_dir)
     key = cache.cache_key(_location_free(inputs))
     folder = Path(cache_root) / key
-    manifest = _open_manifest(folder, key, inputs, command or _default_command())
+    command = command or build_command(
+        model, corpus, settings, cache_root, limit, sae_dir
+    )
+    manifest = _open_manifest(folder, key, inputs, command)
     ctx = _Context(folder, manifest, encoder, corp, settings, sae_dir)
     log.info(
         "building %s (model %s, corpus %s, %d images)",
@@ -273,12 +275,47 @@ def _location_free(inputs: dict[str, Any]) -> dict[str, Any]:
     return {**inputs, "model": {**inputs["model"], "card": card}}
 
 
-def _default_command() -> str:
-    return (
-        "python -m backend " + shlex.join(sys.argv[1:])
-        if sys.argv[1:]
-        else cache.DEFAULT_REBUILD
+def build_command(
+    model: str = DEFAULT_SPEC,
+    corpus: str | Path | None = None,
+    settings: BuildSettings | None = None,
+    cache_root: str | Path = CACHE_ROOT,
+    limit: int | None = None,
+    sae_path: str | Path | None = None,
+) -> str:
+    """The ``python -m backend build`` line that asks for these inputs.
+
+    Flags appear only where a value differs from the command's default, so
+    the default build reads ``python -m backend build``. Settings the command
+    line cannot express (activation or statistics details other than the
+    seed) are left out.
+    """
+    settings = settings or BuildSettings()
+    sae, d = settings.sae, SAESettings()
+    args: list[str] = []
+
+    def flag(name: str, value: Any, default: Any) -> None:
+        if value != default:
+            args.extend([name, str(value)])
+
+    flag("--model", model, DEFAULT_SPEC)
+    flag("--corpus", corpus, None)
+    flag("--sae", sae_path, None)
+    flag("--atoms", sae.n_atoms, d.n_atoms)
+    flag("--k", sae.k, d.k)
+    flag("--steps", sae.steps, d.steps)
+    flag("--batch-size", sae.batch_size, d.batch_size)
+    flag("--lr", sae.lr, d.lr)
+    flag("--threshold", sae.threshold, d.threshold)
+    flag("--seed", sae.seed, d.seed)
+    flag("--limit", limit, None)
+    flag(
+        "--captions",
+        settings.captions_per_image or 0,
+        BuildSettings().captions_per_image,
     )
+    flag("--cache-root", Path(cache_root).resolve(), Path(CACHE_ROOT).resolve())
+    return shlex.join(["python", "-m", "backend", "build", *args])
 
 
 def _open_manifest(

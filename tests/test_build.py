@@ -215,3 +215,14 @@ def test_key_does_not_depend_on_where_the_weights_lie():
     other = inputs("/a/weights.safetensors", fingerprint="def")
     assert cache_key(_location_free(here)) != cache_key(_location_free(other))
     assert here["model"]["card"]["details"]["weights"] == "/a/weights.safetensors"
+
+
+def test_manifest_records_the_build_line_of_its_inputs(tiny_cache, tiny_cache_root):
+    from backend.build import build_command
+
+    assert build_command() == "python -m backend build"
+    recorded = cache.read_manifest(tiny_cache)["build_command"]
+    assert recorded.startswith("python -m backend build ")
+    assert f"--limit {TINY_IMAGES}" in recorded
+    assert "--atoms 64 --k 8 --steps 60" in recorded
+    assert f"--cache-root {Path(tiny_cache_root).resolve()}" in recorded
