@@ -14,6 +14,15 @@ default):
   ``unsorted``) are neither labels nor evaluated images. Reported plainly
   (share of images right) and balanced (mean over categories of the recall
   within the category), pooled over sources and per source.
+- **Category zero-shot through the subcategories.** The same classification
+  with a richer text side: a category is also represented by one prompt per
+  subcategory (``level1``) it holds in the train split's label tree (for
+  example ``computer icons`` or ``people and body person role``), and an
+  image goes to the category of its best-matching prompt, as in CHiLS
+  ("CHiLS: Zero-Shot Image Classification with Hierarchical Label Sets").
+  No image takes part in building the classifier, so it is still zero-shot;
+  it uses the label tree, known in advance, where the flat variant uses the
+  top-level names alone.
 - **Retrieval** between the split's images and all their captions:
   image-to-text recall@k is the share of images with at least one of their
   own captions among the k captions nearest to them; text-to-image recall@k
@@ -86,6 +95,10 @@ class Evaluation:
     category_by_source: dict[str, CategoryScores]
     retrieval: RetrievalScores
     seconds: float
+    category_hierarchical: CategoryScores | None = None
+    category_hierarchical_by_source: dict[str, CategoryScores] = field(
+        default_factory=dict
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +109,13 @@ class Evaluation:
             "category accuracy": self.category.accuracy,
             "category balanced": self.category.balanced,
         }
+        if self.category_hierarchical is not None:
+            row["category accuracy, via subcategories"] = (
+                self.category_hierarchical.accuracy
+            )
+            row["category balanced, via subcategories"] = (
+                self.category_hierarchical.balanced
+            )
         for k, value in self.retrieval.image_to_text.items():
             row[f"image->text R@{k}"] = value
         for k, value in self.retrieval.text_to_image.items():
@@ -212,6 +232,9 @@ def evaluate(
     images = [corpus.open_image(i) for i in table["id"]]
     image_nd = encoder.encode_images(images, progress=progress)
     by_source, pooled = _categories(encoder, corpus, table, image_nd)
+    by_source_h, pooled_h = _categories(
+        encoder, corpus, table, image_nd, hierarchical=True
+    )
     retrieval = _retrieval(encoder, table, image_nd, progress)
     return Evaluation(
         model=encoder.card.name,
@@ -222,11 +245,18 @@ def evaluate(
         category_by_source=by_source,
         retrieval=retrieval,
         seconds=round(time.perf_counter() - started, 1),
+        category_hierarchical=pooled_h,
+        category_hierarchical_by_source=by_source_h,
     )
 
 
-def _categories(encoder, corpus, table, image_nd):
-    """Per-source zero-shot classification, and the scores pooled."""
+def _categories(encoder, corpus, table, image_nd, hierarchical: bool = False):
+    """Per-source zero-shot classification, and the scores pooled.
+
+    With ``hierarchical``, each category's prompts are its own name plus one
+    per subcategory (:func:`subcategory_prompts`); the best-matching prompt
+    decides the category.
+    """
     catch_all = set(corpus.meta.get("catch_all_level0", []))
     all_rows = corpus.table
     by_source: dict[str, CategoryScores] = {}
@@ -242,11 +272,15 @@ def _categories(encoder, corpus, table, image_nd):
         )
         if len(names) < 2 or len(rows) == 0:
             continue
+        texts, owners = list(names), list(names)
+        if hierarchical:
+            sub_texts, sub_owners = subcategory_prompts(all_rows, source, names)
+            texts, owners = texts + sub_texts, owners + sub_owners
         templates = TEMPLATES.get(source, GENERIC_TEMPLATES)
-        class_cd = class_embeddings(encoder, names, templates)
+        class_cd = class_embeddings(encoder, texts, templates)
         guess = (image_nd[rows] @ class_cd.T).argmax(dim=1).numpy()
         truth = table["level0"].to_numpy()[rows]
-        guessed = [names[g] for g in guess]
+        guessed = [owners[g] for g in guess]
         by_source[source] = score_predictions(truth, guessed)
         labels += list(truth)
         predicted += guessed
@@ -256,6 +290,26 @@ def _categories(encoder, corpus, table, image_nd):
             "zero-shot needs at least two non-catch-all level0 values per source"
         )
     return by_source, score_predictions(labels, predicted)
+
+
+def subcategory_prompts(
+    table, source: str, categories: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """One prompt text per (category, subcategory) of the train label tree.
+
+    The pairs are the distinct ``(level0, level1)`` values of the ``train``
+    rows of ``source`` whose ``level0`` is one of ``categories``; the text
+    joins the readable names (``computer`` and ``icons``: ``computer
+    icons``). Returns the texts and, for each, the category it stands for.
+    A table without ``level1`` or ``split`` gives none.
+    """
+    if "level1" not in table or "split" not in table:
+        return [], []
+    rows = table[(table["source"] == source) & (table["split"] == "train")]
+    rows = rows[rows["level0"].isin(list(categories)) & rows["level1"].notna()]
+    pairs = sorted(set(zip(rows["level0"], rows["level1"], strict=True)))
+    texts = [f"{readable(top)} {readable(sub)}" for top, sub in pairs]
+    return texts, [top for top, _ in pairs]
 
 
 def _retrieval(encoder, table, image_nd, progress) -> RetrievalScores:
@@ -279,14 +333,19 @@ def format_table(results: Sequence[Evaluation]) -> str:
     for key in rows:
         cells = "".join(f"{100 * r.headline()[key]:.1f}%".rjust(colw) for r in results)
         lines.append(key.ljust(width) + cells)
-    for source in results[0].category_by_source:
-        for label, attr in (("accuracy", "accuracy"), ("balanced", "balanced")):
-            key = f"{source} {label}"
-            cells = "".join(
-                f"{100 * getattr(r.category_by_source[source], attr):.1f}%".rjust(colw)
-                for r in results
-            )
-            lines.append(key.ljust(width) + cells)
+    per_source = [("", "category_by_source")]
+    if all(r.category_hierarchical_by_source for r in results):
+        per_source.append((", via subcategories", "category_hierarchical_by_source"))
+    for suffix, field_name in per_source:
+        for source in getattr(results[0], field_name):
+            for attr in ("accuracy", "balanced"):
+                cells = "".join(
+                    f"{100 * getattr(getattr(r, field_name)[source], attr):.1f}%".rjust(
+                        colw
+                    )
+                    for r in results
+                )
+                lines.append(f"{source} {attr}{suffix}".ljust(width) + cells)
     first = results[0]
     lines.append(
         f"({first.split} split of {first.corpus}: {first.retrieval.n_images} images, "

@@ -650,12 +650,16 @@ def validate(mini: MiniClip, val: TrainData, corpus) -> dict[str, float]:
     )
     encoder = Encoder(mini.model, mini.tokenizer, card)
     _, pooled = evaluate._categories(encoder, corpus, val.table, image_nd)
+    _, via_sub = evaluate._categories(
+        encoder, corpus, val.table, image_nd, hierarchical=True
+    )
     owner = [row for row, ids in enumerate(val.caption_ids) for _ in ids]
     flat = [c for ids in val.caption_ids for c in ids]
     recall = evaluate.recall_at_k(image_nd, val.text_ud[flat], owner)
     return {
         "val_category_accuracy": pooled.accuracy,
         "val_category_balanced": pooled.balanced,
+        "val_category_accuracy_via_subcategories": via_sub.accuracy,
         "val_i2t_r1": recall.image_to_text[1],
         "val_t2i_r1": recall.text_to_image[1],
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -53,6 +54,33 @@ def test_readable_category_names():
     assert evaluate.readable("signs_and_symbols") == "signs and symbols"
 
 
+def test_subcategory_prompts_come_from_the_train_label_tree():
+    table = pd.DataFrame(
+        {
+            "source": ["clip"] * 6 + ["emoji"],
+            "split": ["train", "train", "train", "test", "train", "train", "train"],
+            "level0": [
+                "food",
+                "food",
+                "animals",
+                "animals",
+                "unsorted",
+                "food",
+                "food",
+            ],
+            "level1": ["fruit", "fruit", "birds", "fish", "misc", None, "drink"],
+        }
+    )
+    texts, owners = evaluate.subcategory_prompts(table, "clip", ["animals", "food"])
+    # One prompt per distinct pair; a subcategory seen only in the test split,
+    # a category outside the label set, a missing level1 and another source's
+    # pairs give none.
+    assert texts == ["animals birds", "food fruit"]
+    assert owners == ["animals", "food"]
+    no_levels = table.drop(columns="level1")
+    assert evaluate.subcategory_prompts(no_levels, "clip", ["food"]) == ([], [])
+
+
 @pytest.fixture(scope="module")
 def shipped_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
@@ -73,6 +101,12 @@ def test_evaluation_json_has_every_figure(shipped_results):
         assert key in trained["category"]
     assert set(trained["retrieval"]["image_to_text"]) == {"1", "5"}
     assert "unsorted" not in trained["category"]["recall"]
+    via_sub = trained["category_hierarchical"]
+    assert set(via_sub["recall"]) == set(trained["category"]["recall"])
+    assert set(trained["category_hierarchical_by_source"]) == {
+        "noto-emoji",
+        "openclipart",
+    }
     assert "Component" not in trained["category"]["recall"]
 
 
@@ -81,5 +115,7 @@ def test_trained_tower_beats_the_untrained_one(shipped_results):
     assert trained["category"]["accuracy"] >= 0.4
     assert trained["category"]["accuracy"] >= untrained["category"]["accuracy"] + 0.2
     assert trained["category"]["balanced"] >= untrained["category"]["balanced"] + 0.1
+    via_sub = trained["category_hierarchical"]["accuracy"]
+    assert via_sub >= untrained["category_hierarchical"]["accuracy"] + 0.2
     i2t, base = trained["retrieval"]["image_to_text"], untrained["retrieval"]
     assert i2t["5"] >= base["image_to_text"]["5"] + 0.1
