@@ -139,6 +139,22 @@ def browser_page(app_url):
             browser.close()
 
 
+def _wait_for_charts(page) -> int:
+    """Wait until every plotly chart of the page has drawn a trace; their count.
+
+    Streamlit reports the run as finished before plotly has drawn, so a
+    screenshot taken at once shows empty frames; a chart that never draws
+    fails the test.
+    """
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+            .every(chart => chart.querySelector('.main-svg')
+                && chart.querySelectorAll('g.trace, .hm, .imagelayer image').length)""",
+        timeout=30_000,
+    )
+    return page.locator('[data-testid="stPlotlyChart"]').count()
+
+
 def _assert_no_exception(page, where: str) -> None:
     exceptions = page.locator('[data-testid="stException"]')
     assert exceptions.count() == 0, f"{where}: {exceptions.first.inner_text()}"
@@ -149,6 +165,9 @@ def test_every_page_renders_without_exception(app_url, browser_page):
     for path, title in PAGES:
         page.goto(f"{app_url}/{path}", wait_until="domcontentloaded")
         _settle(page, title)
+        charts = _wait_for_charts(page)
+        if path == "":
+            assert charts > 0, "the Overview page shows no plotly chart"
         name = path.replace("?", "_").replace("=", "") or "overview"
         page.screenshot(path=SCREENSHOTS / f"{name}.png")
         _assert_no_exception(page, path)
