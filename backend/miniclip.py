@@ -27,6 +27,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -374,6 +375,11 @@ class TrainConfig:
     align_weight : float
         Weight of :func:`alignment_loss` added to the contrastive loss
         (0: contrastive only).
+    label_captions : bool
+        Add to each train image the captions :func:`label_captions` makes
+        from its hierarchy labels. Each is shared by every image of its
+        category, so the contrastive loss pulls those images together
+        instead of pushing them apart as negatives.
     """
 
     epochs: int = 12
@@ -387,6 +393,7 @@ class TrainConfig:
     threads: int = 1
     val_percent: int = 0
     align_weight: float = 1.0
+    label_captions: bool = False
 
 
 @dataclass
@@ -449,9 +456,11 @@ def embed_texts(mini: MiniClip, texts: list[str], batch_size: int = 256):
 
 
 def caption_bank(
-    mini: MiniClip, corpus, cache_dir: Path | None
+    mini: MiniClip, corpus, cache_dir: Path | None, extra: Sequence[str] = ()
 ) -> tuple[dict[str, int], torch.Tensor]:
     """Locked text embeddings of every distinct caption of the corpus.
+
+    ``extra`` texts (label captions) join the corpus captions.
 
     Returns ``(row_of_caption, text_ud)``. The text tower never changes, so a
     caption is embedded once: with ``cache_dir``, the embeddings are kept
@@ -459,7 +468,8 @@ def caption_bank(
     beside it, keyed by the package version and context length) and a later
     run embeds only captions it has not seen.
     """
-    texts = sorted({c for captions in corpus.table["captions"] for c in captions})
+    texts = {c for captions in corpus.table["captions"] for c in captions}
+    texts = sorted(texts | set(extra))
     row_of = {text: row for row, text in enumerate(texts)}
     if cache_dir is None:
         return row_of, embed_texts(mini, texts)
@@ -507,11 +517,53 @@ def _write_bank(mini, cache_dir, texts: list[str], text_ud: torch.Tensor) -> Non
     write_json(names, texts)
 
 
-def prepare_data(corpus, mini: MiniClip, rows, bank) -> TrainData:
-    """Pixels and caption embedding rows of the given table rows."""
+def label_captions(row, catch_all: Collection[str] = ()) -> list[str]:
+    """Captions made from the hierarchy labels of one corpus row.
+
+    ``emoji group: smileys and emotion`` and ``emoji subgroup: face smiling
+    (smileys and emotion)`` for an emoji; ``clip art category: animals`` and
+    ``clip art category: animals / amphibian`` for clip art; ``category:
+    ...`` for other sources. None for a row without ``level0`` or whose
+    ``level0`` is a catch-all (``unsorted`` says nothing about the picture).
+    """
+    from backend.evaluate import readable
+
+    top = row.get("level0")
+    if not isinstance(top, str) or top in catch_all:
+        return []
+    sub = row.get("level1")
+    sub = readable(sub) if isinstance(sub, str) else None
+    top = readable(top)
+    source = row.get("source")
+    if source == "noto-emoji":
+        texts = [f"emoji group: {top}"]
+        if sub:
+            texts.append(f"emoji subgroup: {sub} ({top})")
+        return texts
+    kind = "clip art category" if source == "openclipart" else "category"
+    return [f"{kind}: {top}"] + ([f"{kind}: {top} / {sub}"] if sub else [])
+
+
+def _row_captions(rows, catch_all, with_labels: bool) -> list[list[str]]:
+    captions = [list(c) for c in rows["captions"]]
+    if with_labels:
+        for texts, (_, row) in zip(captions, rows.iterrows(), strict=True):
+            texts += [t for t in label_captions(row, catch_all) if t not in texts]
+    return captions
+
+
+def prepare_data(
+    corpus, mini: MiniClip, rows, bank, with_labels: bool = False
+) -> TrainData:
+    """Pixels and caption embedding rows of the given table rows.
+
+    ``with_labels`` adds each row's :func:`label_captions`.
+    """
     row_of, text_ud = bank
     rows = rows[rows["captions"].map(len) > 0].reset_index(drop=True)
-    caption_ids = [[row_of[c] for c in captions] for captions in rows["captions"]]
+    catch_all = set(corpus.meta.get("catch_all_level0", []))
+    captions = _row_captions(rows, catch_all, with_labels)
+    caption_ids = [[row_of[c] for c in texts] for texts in captions]
     pixels = load_pixels(corpus, list(rows["id"]), mini.config)
     return TrainData(list(rows["id"]), pixels, caption_ids, text_ud, rows)
 
@@ -706,8 +758,12 @@ def train(
         pick = torch.linspace(0, len(rows) - 1, max_images).long().tolist()
         rows = rows.iloc[pick].reset_index(drop=True)
     fit_rows, val_rows = split_validation(rows, train_config.val_percent)
-    bank = caption_bank(mini, corpus, cache_dir)
-    data = prepare_data(corpus, mini, fit_rows, bank)
+    extra = []
+    if train_config.label_captions:
+        catch_all = set(corpus.meta.get("catch_all_level0", []))
+        extra = sorted({t for c in _row_captions(fit_rows, catch_all, True) for t in c})
+    bank = caption_bank(mini, corpus, cache_dir, extra)
+    data = prepare_data(corpus, mini, fit_rows, bank, train_config.label_captions)
     val = prepare_data(corpus, mini, val_rows, bank) if len(val_rows) else None
     prepared = time.perf_counter() - started
     log.info(
@@ -874,6 +930,13 @@ def add_command(subparsers) -> None:
         default=round(1 / math.exp(model.init_logit_scale), 4),
         help="initial softmax temperature (learned afterwards)",
     )
+    cmd.add_argument(
+        "--label-captions",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.label_captions,
+        help="add captions made from each image's hierarchy labels "
+        "(emoji group, clip-art category), shared within a category",
+    )
     cmd.add_argument("--threads", type=int, default=defaults.threads)
     cmd.add_argument(
         "--val-percent",
@@ -918,6 +981,7 @@ def _run_train(args) -> int:
         threads=args.threads,
         val_percent=args.val_percent,
         align_weight=args.align_weight,
+        label_captions=args.label_captions,
     )
     corpus = load_corpus(args.corpus)
     load_before = os.getloadavg()

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from backend import miniclip
 from backend.corpus import load_corpus
+from backend.evaluate import readable
 
 CAPTIONS = [
     "dog face",
@@ -163,3 +164,40 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(small_corpus, tmp_p
     image = small_corpus.open_image(small_corpus.table["id"][0])
     assert encoder.encode_images([image]).shape == (1, 384)
     assert result.record["training"]["n_images"] == len(small_corpus.table)
+
+
+def test_label_captions_name_group_and_subgroup():
+    corpus = load_corpus(None)
+    catch_all = corpus.meta["catch_all_level0"]
+    table = corpus.table.set_index("id", drop=False)
+    emoji = miniclip.label_captions(table.loc["emoji-1f600"], catch_all)
+    assert emoji == [
+        "emoji group: smileys and emotion",
+        "emoji subgroup: face smiling (smileys and emotion)",
+    ]
+    clipart = table[(table["source"] == "openclipart") & table["level1"].notna()]
+    row = clipart[clipart["level0"] == "animals"].iloc[0]
+    assert miniclip.label_captions(row, catch_all) == [
+        "clip art category: animals",
+        f"clip art category: animals / {readable(row['level1'])}",
+    ]
+    unsorted = table[table["level0"] == "unsorted"].iloc[0]
+    assert miniclip.label_captions(unsorted, catch_all) == []
+
+
+def test_label_captions_are_positives_shared_within_a_category(small_corpus, mini):
+    rows = small_corpus.table
+    plain = miniclip._row_captions(rows, set(), with_labels=False)
+    texts = {t for c in miniclip._row_captions(rows, set(), True) for t in c}
+    bank = miniclip.caption_bank(mini, small_corpus, None, sorted(texts))
+    data = miniclip.prepare_data(small_corpus, mini, rows, bank, with_labels=True)
+    row_of = bank[0]
+    for ids, captions, top in zip(
+        data.caption_ids, plain, data.table["level0"], strict=True
+    ):
+        assert ids[: len(captions)] == [row_of[c] for c in captions]
+        assert row_of[f"category: {readable(top)}"] in ids
+    label_rows = {row_of[f"category: {readable(top)}"] for top in data.table["level0"]}
+    holders = {r: sum(r in ids for ids in data.caption_ids) for r in label_rows}
+    repeated = [r for r, n in holders.items() if n > 1]
+    assert repeated, "the sample should hold some category twice"
