@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -63,6 +64,9 @@ from backend.stats import (
 log = logging.getLogger(__name__)
 
 SAE_KINDS = ("mp", "topk")
+# Modules whose code decides what a build writes; their source is in the key,
+# so a cache built by older code is never taken for this code's output.
+CODE_MODULES = ("activations", "build", "fast", "sae", "stats", "training")
 STAGES = ("activations", "train_mp", "train_topk", "encode", "stats")
 REPORT_KS = (8, 16, 32)
 CHECKPOINT_EVERY = 100
@@ -257,7 +261,20 @@ def _inputs(
         },
         "settings": settings.key_inputs(),
         "sae_path": sae_input,
+        "code": code_digest(),
     }
+
+
+def code_digest(folder: Path | None = None) -> str:
+    """SHA-256 of the source of :data:`CODE_MODULES` (in ``folder``, default
+    this package), in that order."""
+    folder = Path(folder or Path(__file__).parent)
+    digest = hashlib.sha256()
+    for name in CODE_MODULES:
+        source = (folder / f"{name}.py").read_bytes()
+        digest.update(f"{name}.py {len(source)}\n".encode())
+        digest.update(source)
+    return digest.hexdigest()
 
 
 def _location_free(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -217,6 +217,22 @@ def test_key_does_not_depend_on_where_the_weights_lie():
     assert here["model"]["card"]["details"]["weights"] == "/a/weights.safetensors"
 
 
+def test_key_holds_the_source_of_the_modules_that_compute_the_cache(
+    tiny_cache, tmp_path
+):
+    import backend
+    from backend.build import CODE_MODULES, code_digest
+
+    manifest = cache.open_cache(tiny_cache)
+    assert manifest["inputs"]["code"] == code_digest()
+    for name in CODE_MODULES:
+        shutil.copy(Path(backend.__file__).with_name(f"{name}.py"), tmp_path)
+    assert code_digest(tmp_path) == code_digest()
+    with open(tmp_path / "stats.py", "a") as handle:
+        handle.write("\n# changed\n")
+    assert code_digest(tmp_path) != code_digest()
+
+
 def test_manifest_records_the_build_line_of_its_inputs(tiny_cache, tiny_cache_root):
     from backend.build import build_command
 
