@@ -393,7 +393,7 @@ class TrainConfig:
     threads: int = 1
     val_percent: int = 0
     align_weight: float = 1.0
-    label_captions: bool = False
+    label_captions: bool = True
 
 
 @dataclass
@@ -867,7 +867,7 @@ def _record(corpus, data, model_config, train_config, started, log_lines) -> dic
         "training": {
             **asdict(train_config),
             "corpus": str(corpus.name),
-            "corpus_fingerprint": corpus.fingerprint(content=False),
+            "corpus_fingerprint": corpus.fingerprint(),
             "n_images": len(data.ids),
             "n_captions": sum(map(len, data.caption_ids)),
             "seconds": round(time.perf_counter() - started, 1),
