@@ -68,7 +68,8 @@ class TrainConfig:
     dead_after_steps : int
         An atom not used by any input for this many steps is dead.
     resample_every : int
-        Steps between dead-atom checks (0 disables the remedy).
+        Steps between dead-atom checks (0 disables the remedy); there is no
+        check on the last step.
     checkpoint_every : int
         Steps between checkpoints when a checkpoint folder is given (0: only
         at the end).
@@ -313,7 +314,13 @@ class Trainer:
         self.window.add(
             result.residual, x_nd, self.mean_d, distinct_atoms(result.atoms)
         )
-        if self.config.resample_every and self.step % self.config.resample_every == 0:
+        if (
+            self.config.resample_every
+            and self.step % self.config.resample_every == 0
+            and self.step < self.config.steps
+        ):
+            # Never on the last step: a resampled atom needs steps to settle
+            # (a fresh TopK atom would join every input's code untrained).
             self.resample_dead(x_nd, result.residual.detach())
         if self.step % self.config.log_every == 0 or self.step == self.config.steps:
             self.log_window()

@@ -133,6 +133,33 @@ def test_dead_atoms_are_resampled():
     assert result.metrics["fvu"].iloc[-1] < without.metrics["fvu"].iloc[-1]
 
 
+def test_returned_topk_sae_reconstructs_as_its_last_training_window():
+    # Atoms resampled on the very last step would enter the TopK code of
+    # every input untrained (encoder row = a residual direction, zero bias)
+    # and undo the run, so the remedy never runs on the last step.
+    acts_nd = sparse_data()
+    acts_nd[:, -1] = 0.0
+
+    def stuck_topk():
+        sae = make("topk")
+        with torch.no_grad():
+            for rows in (sae.atoms_md, sae.encoder_md):
+                rows[:, -1] = 0.0
+                rows[N_ATOMS // 2 :] = torch.eye(D)[-1]
+        return sae
+
+    x_nd = torch.from_numpy(acts_nd)
+    sst = float((x_nd - x_nd.mean(0)).pow(2).sum())
+    cfg = config(steps=40, init_from_data=False, dead_after_steps=5, log_every=10)
+    mid_run = train(stuck_topk(), acts_nd, replace(cfg, resample_every=30))
+    assert mid_run.resampled > 0
+    at_end = train(stuck_topk(), acts_nd, replace(cfg, resample_every=40))
+    assert at_end.resampled == 0
+    for result in (mid_run, at_end):
+        fvu = float(result.sae.encode(x_nd).residual.pow(2).sum()) / sst
+        assert fvu < 1.25 * result.metrics["fvu"].iloc[-1]
+
+
 def test_bad_input_is_refused_with_the_row():
     acts_nd = sparse_data(200)
     acts_nd[57, 3] = np.nan
