@@ -241,3 +241,35 @@ def test_traces_upload_real_image_and_reject_a_broken_one(
     _assert_no_exception(page, "broken upload")
     error = page.locator('[data-testid="stAlertContentError"]').first.inner_text()
     assert "broken.png cannot be used: not an image" in error
+
+
+def test_edits_upload_real_image_edits_it_and_rejects_a_broken_one(
+    app_url, browser_page, tiny_cache
+):
+    import io
+
+    from backend.corpus import load_corpus
+
+    page = browser_page
+    page.goto(f"{app_url}/edits", wait_until="domcontentloaded")
+    _settle(page, "Edits")
+    page.get_by_text("Upload an image").click()
+    _settle(page, "Choose a corpus image or upload one")
+    corpus = load_corpus(None)
+    buffer = io.BytesIO()
+    corpus.open_image(corpus.table["id"].iloc[0]).save(buffer, format="PNG")
+    _upload(page, "mine.png", buffer.getvalue())
+    _settle(page, "Type a source and a target text")
+    page.get_by_label("Source text").fill("grinning face")
+    page.get_by_label("Source text").press("Enter")
+    page.get_by_label("Target text").fill("cat face")
+    page.get_by_label("Target text").press("Enter")
+    _settle(page, "Nearest corpus images")
+    _assert_no_exception(page, "edit of an upload")
+    assert page.get_by_text("Code changes").count() == 1
+    page.screenshot(path=SCREENSHOTS / "edits_upload.png", full_page=True)
+    _upload(page, "broken.png", b"\x89PNG\r\n\x1a\n truncated")
+    _settle(page, "cannot be used")
+    error = page.locator('[data-testid="stAlertContentError"]').first.inner_text()
+    assert "broken.png cannot be used" in error
+    assert page.get_by_text("Nearest corpus images").count() == 0
