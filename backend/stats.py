@@ -902,10 +902,11 @@ def suggest_labels(
 
     Levels are tried fine to coarse; the first whose most common label holds
     at least ``config.label_share`` of the atom's labelled firings wins.
-    Otherwise the label is the three words of its top texts with the largest
-    coefficient-weighted inverse document frequency over all captions, so
-    that caption-template words ("picture", "category") give way to the
-    words that set these captions apart.
+    Otherwise the label is the (up to) three words of its top texts with the
+    largest coefficient-weighted inverse document frequency over all
+    captions, so that caption-template words ("picture", "category") give
+    way to the words that set these captions apart; only words found in at
+    least two of the top texts count, unless none is.
     """
     order = [lv for lv in reversed(LEVELS) if lv in stats.label_counts]
     text_n = items["text"].astype(str).to_numpy() if "text" in items else None
@@ -959,10 +960,16 @@ def _words_label(
     if tops is None or text_n is None or tops.empty:
         return AtomLabel("(no text)", "words", np.nan)
     weights: Counter[str] = Counter()
+    support: Counter[str] = Counter()
     for row, coef in zip(tops["row"], tops["coefficient"], strict=True):
-        for word in set(_WORD.findall(text_n[row].lower())) - _STOP:
+        words = set(_WORD.findall(text_n[row].lower())) - _STOP
+        support.update(words)
+        for word in words:
             weights[word] += float(coef) * idf.get(word, 1.0)
-    words = [w for w, _ in weights.most_common(3)]
+    ranked = [w for w, _ in weights.most_common()]
+    # A word of one top text only (a name, a file-name fragment) is not what
+    # the atom is about; it names the atom only when no word recurs.
+    words = [w for w in ranked if support[w] >= 2][:3] or ranked[:3]
     return AtomLabel(", ".join(words) or "(no words)", "words", np.nan)
 
 

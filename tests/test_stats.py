@@ -323,3 +323,17 @@ def test_word_labels_prefer_distinctive_words():
     assert labels[0].label.split(", ")[0] == "cat"
     assert labels[1].label.split(", ")[0] == "dog"
     assert labels[0].source == "words"
+
+
+def test_word_labels_leave_out_words_of_a_single_top_text():
+    """An atom whose top captions share "frog" but each add a one-off name is
+    named "frog", not "frog" plus the rarest names."""
+    names = ["alpha", "beta", "gamma"]
+    texts = [f"frog {n}" for n in names] + ["toad", "newt", "lizard"] * 2
+    items = pd.DataFrame({"modality": "text", "pair_row": -1, "text": texts})
+    atoms = np.array([[0]] * 3 + [[1]] * 6, np.int32)
+    traces = Traces(atoms, np.ones((9, 1), np.float32), np.ones((9, 2), np.float32))
+    stats = trace_stats(traces, items, np.ones(9), 2)
+    labels = suggest_labels(stats, items)
+    assert labels[0].label == "frog"
+    assert labels[1].label.split(", ")[0] in {"toad", "newt", "lizard"}
