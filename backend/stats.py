@@ -905,11 +905,17 @@ def suggest_labels(
     Otherwise the label is the (up to) three words of its top texts with the
     largest coefficient-weighted inverse document frequency over all
     captions, so that caption-template words ("picture", "category") give
-    way to the words that set these captions apart; only words found in at
-    least two of the top texts count, unless none is.
+    way to the words that set these captions apart; only words found in the
+    captions of at least two different corpus items count, unless none is.
     """
     order = [lv for lv in reversed(LEVELS) if lv in stats.label_counts]
     text_n = items["text"].astype(str).to_numpy() if "text" in items else None
+    # Captions of one corpus item count once when a word's support is counted.
+    owner_n = (
+        items["corpus_id"].astype(str).to_numpy()
+        if "corpus_id" in items
+        else np.arange(len(items)).astype(str)
+    )
     idf = (
         _idf(text_n[(items["modality"] == "text").to_numpy()])
         if text_n is not None
@@ -924,7 +930,7 @@ def suggest_labels(
             continue
         out.append(
             _label_one(atom, stats, order, config.label_share)
-            or _words_label(tops_by_atom.get(atom), text_n, idf)
+            or _words_label(tops_by_atom.get(atom), text_n, idf, owner_n)
         )
     return out
 
@@ -955,21 +961,23 @@ def _label_one(
 
 
 def _words_label(
-    tops: pd.DataFrame | None, text_n: np.ndarray | None, idf: dict[str, float]
+    tops: pd.DataFrame | None,
+    text_n: np.ndarray | None,
+    idf: dict[str, float],
+    owner_n: np.ndarray,
 ) -> AtomLabel:
     if tops is None or text_n is None or tops.empty:
         return AtomLabel("(no text)", "words", np.nan)
     weights: Counter[str] = Counter()
-    support: Counter[str] = Counter()
+    owners: dict[str, set[str]] = {}
     for row, coef in zip(tops["row"], tops["coefficient"], strict=True):
-        words = set(_WORD.findall(text_n[row].lower())) - _STOP
-        support.update(words)
-        for word in words:
+        for word in set(_WORD.findall(text_n[row].lower())) - _STOP:
             weights[word] += float(coef) * idf.get(word, 1.0)
+            owners.setdefault(word, set()).add(owner_n[row])
     ranked = [w for w, _ in weights.most_common()]
-    # A word of one top text only (a name, a file-name fragment) is not what
-    # the atom is about; it names the atom only when no word recurs.
-    words = [w for w in ranked if support[w] >= 2][:3] or ranked[:3]
+    # A word of one item only (a name, a file-name fragment) is not what the
+    # atom is about; it names the atom only when no word recurs across items.
+    words = [w for w in ranked if len(owners[w]) >= 2][:3] or ranked[:3]
     return AtomLabel(", ".join(words) or "(no words)", "words", np.nan)
 
 

@@ -326,14 +326,19 @@ def test_word_labels_prefer_distinctive_words():
 
 
 def test_word_labels_leave_out_words_of_a_single_top_text():
-    """An atom whose top captions share "frog" but each add a one-off name is
-    named "frog", not "frog" plus the rarest names."""
+    """An atom whose top items share "frog" but each add a one-off name is
+    named "frog", not "frog" plus the rarest names; two captions of one item
+    do not make its name recur."""
     names = ["alpha", "beta", "gamma"]
-    texts = [f"frog {n}" for n in names] + ["toad", "newt", "lizard"] * 2
-    items = pd.DataFrame({"modality": "text", "pair_row": -1, "text": texts})
-    atoms = np.array([[0]] * 3 + [[1]] * 6, np.int32)
-    traces = Traces(atoms, np.ones((9, 1), np.float32), np.ones((9, 2), np.float32))
-    stats = trace_stats(traces, items, np.ones(9), 2)
+    texts = [f"frog {n}" for n in names] + ["alpha pond"]
+    texts += ["toad", "newt", "lizard"] * 2
+    owners = ["a", "b", "c", "a"] + [f"x{i}" for i in range(6)]
+    items = pd.DataFrame(
+        {"modality": "text", "pair_row": -1, "text": texts, "corpus_id": owners}
+    )
+    atoms = np.array([[0]] * 4 + [[1]] * 6, np.int32)
+    traces = Traces(atoms, np.ones((10, 1), np.float32), np.ones((10, 2), np.float32))
+    stats = trace_stats(traces, items, np.ones(10), 2)
     labels = suggest_labels(stats, items)
     assert labels[0].label == "frog"
     assert labels[1].label.split(", ")[0] in {"toad", "newt", "lizard"}
