@@ -11,7 +11,9 @@ The model is an open_clip ``CustomTextCLIP``:
   8 px patches, width 192, 4 blocks) whose projection maps into MiniLM's
   384-d space, trained contrastively against the locked text tower (as in
   LiT, with the roles of the towers swapped) on the corpus train split by
-  ``python -m backend miniclip train``.
+  ``python -m backend miniclip train``. Each image is paired with its corpus
+  captions and with captions made from its hierarchy labels
+  (:func:`label_captions`), which images of one category share.
 
 The shipped folder holds ``weights.safetensors`` (image tower and logit
 scale), ``config.json`` (architecture, preprocessing, training record) and
