@@ -81,6 +81,9 @@ class StatsConfig:
     label_share : float
         A category label needs this share of the atom's labelled firings;
         below it the label falls back to caption words.
+    template_share : float
+        A word in the captions of more than this share of the items is a
+        caption-template word and never part of a word label.
     umap_neighbors : int
         ``n_neighbors`` of the UMAP of the atoms.
     seed : int
@@ -95,6 +98,7 @@ class StatsConfig:
     hierarchy_steps: int = 16
     only_share: float = 0.95
     label_share: float = 0.5
+    template_share: float = 0.25
     umap_neighbors: int = 15
     seed: int = 0
 
@@ -906,7 +910,9 @@ def suggest_labels(
     largest coefficient-weighted inverse document frequency over all
     captions, so that caption-template words ("picture", "category") give
     way to the words that set these captions apart; only words found in the
-    captions of at least two different corpus items count, unless none is.
+    captions of at least two different corpus items count, unless none is,
+    and never a template word (in the captions of more than
+    ``config.template_share`` of all items).
     """
     order = [lv for lv in reversed(LEVELS) if lv in stats.label_counts]
     text_n = items["text"].astype(str).to_numpy() if "text" in items else None
@@ -921,6 +927,12 @@ def suggest_labels(
         if text_n is not None
         else {}
     )
+    is_text = (items["modality"] == "text").to_numpy()
+    template = (
+        _template_words(text_n[is_text], owner_n[is_text], config.template_share)
+        if text_n is not None
+        else set()
+    )
     tops = stats.top_items[stats.top_items["modality"] == "text"]
     tops_by_atom = dict(tuple(tops.groupby("atom")))
     out = []
@@ -930,9 +942,20 @@ def suggest_labels(
             continue
         out.append(
             _label_one(atom, stats, order, config.label_share)
-            or _words_label(tops_by_atom.get(atom), text_n, idf, owner_n)
+            or _words_label(tops_by_atom.get(atom), text_n, idf, owner_n, template)
         )
     return out
+
+
+def _template_words(texts: np.ndarray, owners: np.ndarray, share: float) -> set[str]:
+    """Words in the captions of more than ``share`` of the corpus items: the
+    caption templates' words ("picture", "category", "emoji")."""
+    words_of: dict[str, set[str]] = {}
+    for text, owner in zip(texts, owners, strict=True):
+        words_of.setdefault(owner, set()).update(_WORD.findall(text.lower()))
+    df: Counter[str] = Counter(w for words in words_of.values() for w in words)
+    n = max(len(words_of), 1)
+    return {word for word, count in df.items() if count > share * n}
 
 
 def _idf(texts: np.ndarray) -> dict[str, float]:
@@ -965,13 +988,14 @@ def _words_label(
     text_n: np.ndarray | None,
     idf: dict[str, float],
     owner_n: np.ndarray,
+    template: set[str] = frozenset(),
 ) -> AtomLabel:
     if tops is None or text_n is None or tops.empty:
         return AtomLabel("(no text)", "words", np.nan)
     weights: Counter[str] = Counter()
     owners: dict[str, set[str]] = {}
     for row, coef in zip(tops["row"], tops["coefficient"], strict=True):
-        for word in set(_WORD.findall(text_n[row].lower())) - _STOP:
+        for word in set(_WORD.findall(text_n[row].lower())) - _STOP - template:
             weights[word] += float(coef) * idf.get(word, 1.0)
             owners.setdefault(word, set()).add(owner_n[row])
     ranked = [w for w, _ in weights.most_common()]

@@ -314,11 +314,14 @@ def test_modality_split_counts():
 def test_word_labels_prefer_distinctive_words():
     """Without categories, an atom is named by the words that set its top
     captions apart, not by the caption template they all share."""
-    texts = [f"a picture of a {w} in the category" for w in ["cat"] * 3 + ["dog"] * 3]
+    others = ["fish", "bird", "mouse", "horse", "cow", "goat"]
+    words = ["cat"] * 3 + ["dog"] * 3 + others
+    texts = [f"a picture of a {w} in the category" for w in words]
     items = pd.DataFrame({"modality": "text", "pair_row": -1, "text": texts})
-    atoms = np.array([[0], [0], [0], [1], [1], [1]], np.int32)
-    traces = Traces(atoms, np.ones((6, 1), np.float32), np.ones((6, 2), np.float32))
-    stats = trace_stats(traces, items, np.ones(6), 2)
+    atoms = np.array([[0]] * 3 + [[1]] * 3 + [[2]] * 6, np.int32)
+    ones = np.ones((12, 1), np.float32)
+    traces = Traces(atoms, ones, np.ones((12, 2), np.float32))
+    stats = trace_stats(traces, items, np.ones(12), 3)
     labels = suggest_labels(stats, items)
     assert labels[0].label.split(", ")[0] == "cat"
     assert labels[1].label.split(", ")[0] == "dog"
@@ -331,14 +334,29 @@ def test_word_labels_leave_out_words_of_a_single_top_text():
     do not make its name recur."""
     names = ["alpha", "beta", "gamma"]
     texts = [f"frog {n}" for n in names] + ["alpha pond"]
-    texts += ["toad", "newt", "lizard"] * 2
-    owners = ["a", "b", "c", "a"] + [f"x{i}" for i in range(6)]
+    texts += ["toad", "newt", "lizard", "gecko"] * 3
+    owners = ["a", "b", "c", "a"] + [f"x{i}" for i in range(12)]
     items = pd.DataFrame(
         {"modality": "text", "pair_row": -1, "text": texts, "corpus_id": owners}
     )
-    atoms = np.array([[0]] * 4 + [[1]] * 6, np.int32)
-    traces = Traces(atoms, np.ones((10, 1), np.float32), np.ones((10, 2), np.float32))
-    stats = trace_stats(traces, items, np.ones(10), 2)
+    atoms = np.array([[0]] * 4 + [[1]] * 12, np.int32)
+    ones = np.ones((16, 1), np.float32)
+    traces = Traces(atoms, ones, np.ones((16, 2), np.float32))
+    stats = trace_stats(traces, items, np.ones(16), 2)
     labels = suggest_labels(stats, items)
     assert labels[0].label == "frog"
-    assert labels[1].label.split(", ")[0] in {"toad", "newt", "lizard"}
+    assert labels[1].label.split(", ")[0] in {"toad", "newt", "lizard", "gecko"}
+
+
+def test_word_labels_never_use_caption_template_words():
+    """Words in the captions of most items ("picture", "category") name no
+    atom, even where they are all its top items share."""
+    names = ["kalzium", "oliv", "peace", "rikva"] + [f"n{i}" for i in range(8)]
+    texts = [f"a picture of {n} in the category" for n in names]
+    items = pd.DataFrame({"modality": "text", "pair_row": -1, "text": texts})
+    atoms = np.array([[0]] * 4 + [[1]] * 8, np.int32)
+    traces = Traces(atoms, np.ones((12, 1), np.float32), np.ones((12, 2), np.float32))
+    stats = trace_stats(traces, items, np.ones(12), 2)
+    label = suggest_labels(stats, items)[0].label
+    assert not {"picture", "category"} & set(label.split(", "))
+    assert set(label.split(", ")) <= {"kalzium", "oliv", "peace", "rikva"}
