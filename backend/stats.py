@@ -906,45 +906,94 @@ def suggest_labels(
 
     Levels are tried fine to coarse; the first whose most common label holds
     at least ``config.label_share`` of the atom's labelled firings wins.
-    Otherwise the label is the (up to) three words of its top texts with the
-    largest coefficient-weighted inverse document frequency over all
-    captions, so that caption-template words ("picture", "category") give
+    Otherwise the label is the (up to) three words of its top items'
+    captions (top images for an atom with modality score >= 0.5, else top
+    texts) with the largest coefficient-weighted inverse document frequency
+    over all captions, so that caption-template words ("picture", "category") give
     way to the words that set these captions apart; only words found in the
     captions of at least two different corpus items count, unless none is,
     and never a template word (in the captions of more than
     ``config.template_share`` of all items).
     """
     order = [lv for lv in reversed(LEVELS) if lv in stats.label_counts]
-    text_n = items["text"].astype(str).to_numpy() if "text" in items else None
-    # Captions of one corpus item count once when a word's support is counted.
-    owner_n = (
-        items["corpus_id"].astype(str).to_numpy()
-        if "corpus_id" in items
-        else np.arange(len(items)).astype(str)
-    )
-    idf = (
-        _idf(text_n[(items["modality"] == "text").to_numpy()])
-        if text_n is not None
-        else {}
-    )
-    is_text = (items["modality"] == "text").to_numpy()
-    template = (
-        _template_words(text_n[is_text], owner_n[is_text], config.template_share)
-        if text_n is not None
-        else set()
-    )
-    tops = stats.top_items[stats.top_items["modality"] == "text"]
-    tops_by_atom = dict(tuple(tops.groupby("atom")))
+    words = _WordLabeller(items, config.template_share)
+    tops_by_atom = {
+        (int(atom), str(modality)): group
+        for (atom, modality), group in stats.top_items.groupby(["atom", "modality"])
+    }
+    score_m = stats.atoms["modality_score"].to_numpy()
     out = []
     for atom, dead in enumerate(stats.atoms["dead"].to_numpy()):
         if dead:
             out.append(AtomLabel("(dead)", "dead", np.nan))
             continue
+        # An image-heavy atom is named from its top images' captions, a
+        # text-heavy one from its top texts; the other side if one is empty.
+        sides = ("image", "text") if score_m[atom] >= 0.5 else ("text", "image")
+        tops = next(
+            (tops_by_atom[atom, m] for m in sides if (atom, m) in tops_by_atom), None
+        )
         out.append(
-            _label_one(atom, stats, order, config.label_share)
-            or _words_label(tops_by_atom.get(atom), text_n, idf, owner_n, template)
+            _label_one(atom, stats, order, config.label_share) or words.label(tops)
         )
     return out
+
+
+class _WordLabeller:
+    """Word labels from the captions of an atom's top items.
+
+    A top text contributes its own words; a top image the words of all the
+    captions of its corpus item. Each item's words are weighted by the
+    atom's coefficient on it times the word's IDF over all captions.
+    """
+
+    def __init__(self, items: pd.DataFrame, template_share: float) -> None:
+        n = len(items)
+        self.has_text = "text" in items
+        self.text_n = items["text"].astype(str).to_numpy() if self.has_text else None
+        # Captions of one corpus item count once when a word's support is counted.
+        self.owner_n = (
+            items["corpus_id"].astype(str).to_numpy()
+            if "corpus_id" in items
+            else np.arange(n).astype(str)
+        )
+        self.modality_n = items["modality"].astype(str).to_numpy()
+        is_text = self.modality_n == "text"
+        self.captions_of: dict[str, list[str]] = {}
+        self.idf: dict[str, float] = {}
+        self.template: set[str] = set()
+        if not self.has_text:
+            return
+        texts, owners = self.text_n[is_text], self.owner_n[is_text]
+        for text, owner in zip(texts, owners, strict=True):
+            self.captions_of.setdefault(owner, []).append(text)
+        self.idf = _idf(self.text_n[is_text])
+        self.template = _template_words(
+            self.text_n[is_text], self.owner_n[is_text], template_share
+        )
+
+    def words_of(self, row: int) -> set[str]:
+        if self.modality_n[row] == "text":
+            texts = [self.text_n[row]]
+        else:
+            texts = self.captions_of.get(self.owner_n[row], [])
+        found = {w for t in texts for w in _WORD.findall(t.lower())}
+        return found - _STOP - self.template
+
+    def label(self, tops: pd.DataFrame | None) -> AtomLabel:
+        if tops is None or not self.has_text or tops.empty:
+            return AtomLabel("(no text)", "words", np.nan)
+        weights: Counter[str] = Counter()
+        owners: dict[str, set[str]] = {}
+        for row, coef in zip(tops["row"], tops["coefficient"], strict=True):
+            for word in self.words_of(int(row)):
+                weights[word] += float(coef) * self.idf.get(word, 1.0)
+                owners.setdefault(word, set()).add(self.owner_n[row])
+        ranked = [w for w, _ in weights.most_common()]
+        # A word of one item only (a name, a file-name fragment) is not what
+        # the atom is about; it names the atom only when no word recurs.
+        chosen = [w for w in ranked if len(owners[w]) >= 2][:3] or ranked[:3]
+        return AtomLabel(", ".join(chosen) or "(no words)", "words", np.nan)
 
 
 def _template_words(texts: np.ndarray, owners: np.ndarray, share: float) -> set[str]:
@@ -981,28 +1030,6 @@ def _label_one(
         if share >= min_share:
             return AtomLabel(str(labels[best]), level, share)
     return None
-
-
-def _words_label(
-    tops: pd.DataFrame | None,
-    text_n: np.ndarray | None,
-    idf: dict[str, float],
-    owner_n: np.ndarray,
-    template: set[str] = frozenset(),
-) -> AtomLabel:
-    if tops is None or text_n is None or tops.empty:
-        return AtomLabel("(no text)", "words", np.nan)
-    weights: Counter[str] = Counter()
-    owners: dict[str, set[str]] = {}
-    for row, coef in zip(tops["row"], tops["coefficient"], strict=True):
-        for word in set(_WORD.findall(text_n[row].lower())) - _STOP - template:
-            weights[word] += float(coef) * idf.get(word, 1.0)
-            owners.setdefault(word, set()).add(owner_n[row])
-    ranked = [w for w, _ in weights.most_common()]
-    # A word of one item only (a name, a file-name fragment) is not what the
-    # atom is about; it names the atom only when no word recurs across items.
-    words = [w for w in ranked if len(owners[w]) >= 2][:3] or ranked[:3]
-    return AtomLabel(", ".join(words) or "(no words)", "words", np.nan)
 
 
 def modality_split(atoms: pd.DataFrame, only_share: float) -> dict[str, int]:

@@ -360,3 +360,31 @@ def test_word_labels_never_use_caption_template_words():
     label = suggest_labels(stats, items)[0].label
     assert not {"picture", "category"} & set(label.split(", "))
     assert set(label.split(", ")) <= {"kalzium", "oliv", "peace", "rikva"}
+
+
+def test_image_atoms_are_named_from_their_images_captions():
+    """An atom that fires mostly on images is named by the captions of its top
+    images, not by the few texts it also fires on."""
+    colours = ["green", "red", "blue", "grey", "white", "black", "pink", "gold"]
+    image_ids = [f"p{i}" for i in range(4)] + [f"q{i}" for i in range(8)]
+    captions = [f"{c} parrot" for c in colours[:4]] + [f"{c} lamp" for c in colours]
+    captions += ["zebra stripes", "zebra stripes", "tall post", "tiny post"]
+    text_ids = image_ids + ["z0", "z1", "z2", "z3"]
+    items = pd.DataFrame(
+        {
+            "modality": ["image"] * 12 + ["text"] * 16,
+            "corpus_id": image_ids + text_ids,
+            "pair_row": [-1] * 12 + list(range(12)) + [-1] * 4,
+            "text": [""] * 12 + captions,
+        }
+    )
+    # Atom 0: the parrot images (strongly) and the zebra texts (weakly);
+    # atom 1: the lamp images and every other caption.
+    atoms = np.array([[0]] * 4 + [[1]] * 8 + [[1]] * 12 + [[0]] * 2 + [[1]] * 2)
+    coefs = np.array([[1.0]] * 12 + [[0.5]] * 12 + [[0.1]] * 2 + [[0.5]] * 2)
+    n = len(items)
+    traces = Traces(atoms.astype(np.int32), coefs.astype(np.float32), np.ones((n, 2)))
+    stats = trace_stats(traces, items, np.ones(n), 2)
+    labels = suggest_labels(stats, items)
+    assert stats.atoms.modality_score[0] > 0.9
+    assert labels[0].label == "parrot"
