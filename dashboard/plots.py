@@ -15,6 +15,13 @@ import plotly.graph_objects as go
 MODALITY_COLORS = {"image": "#1f77b4", "text": "#ff7f0e"}
 SAE_DASH = {"mp": "solid", "topk": "dash"}
 SAE_NAMES = {"mp": "MP-SAE", "topk": "TopK SAE"}
+# Per SAE a dark (image) and a light (text) shade of one colour (not the
+# modality colours, so SAE and modality never read alike), and a marker.
+SAE_COLORS = {
+    "mp": {"image": "#006d2c", "text": "#74c476"},
+    "topk": {"image": "#54278f", "text": "#9e9ac8"},
+}
+SAE_MARKERS = {"mp": "circle", "topk": "square"}
 
 
 def _named_sae(data: pd.DataFrame) -> pd.DataFrame:
@@ -27,21 +34,68 @@ def _compact(fig: go.Figure, height: int = 320) -> go.Figure:
     return fig
 
 
+def log_ticks(low: float, high: float) -> list[float]:
+    """Clean tick values (1, 2, 5 times a power of ten) from ``low`` to ``high``.
+
+    Over more than three decades only the powers of ten; with fewer than
+    three values in range, 1 to 9 times each power of ten.
+    """
+    if not (np.isfinite(low) and np.isfinite(high)) or low <= 0 or high < low:
+        return []
+    decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+    options = [(1, 2, 5), range(1, 10)]
+    if np.log10(high / low) > 3:
+        options.insert(0, (1,))
+    for steps in options:
+        ticks = [
+            float(f"{m * 10.0**d:.12g}")
+            for d in decades
+            for m in steps
+            if low <= m * 10.0**d <= high
+        ]
+        if len(ticks) >= 3:
+            break
+    return ticks
+
+
 def fvu_by_k(data: pd.DataFrame) -> go.Figure:
-    """FVU against k: one line per SAE and modality (log y, k >= 1)."""
+    """FVU against k: one line per SAE and modality (log y, k >= 1).
+
+    Each SAE has its own colour, dash and marker shape; within an SAE, image
+    lines are dark with filled markers and text lines light with open ones.
+    """
     data = data[(data["k"] >= 1) & data["modality"].isin(["image", "text"])]
-    data = _named_sae(data)
-    fig = px.line(
-        data.sort_values("k"),
-        x="k",
-        y="fvu",
-        color="modality",
-        line_dash="sae",
-        markers=True,
-        log_y=True,
-        color_discrete_map=MODALITY_COLORS,
-        labels={"fvu": "fraction of variance unexplained", "k": "k (steps)"},
-        title="FVU against k",
+    fig = go.Figure()
+    for (sae, modality), part in data.sort_values("k").groupby(
+        ["sae", "modality"], sort=True
+    ):
+        name = SAE_NAMES.get(sae, sae)
+        shades = SAE_COLORS.get(sae, {"image": "#444444", "text": "#999999"})
+        symbol = SAE_MARKERS.get(sae, "diamond")
+        fig.add_trace(
+            go.Scatter(
+                x=part["k"],
+                y=part["fvu"],
+                mode="lines+markers",
+                name=f"{name}, {modality}",
+                legendgroup=name,
+                legendgrouptitle_text=name,
+                line=dict(color=shades[modality], dash=SAE_DASH.get(sae, "dot")),
+                marker=dict(
+                    symbol=symbol if modality == "image" else f"{symbol}-open",
+                    size=8,
+                    color=shades[modality],
+                ),
+            )
+        )
+    ticks = log_ticks(float(data["fvu"].min()), float(data["fvu"].max()))
+    fig.update_layout(title="FVU against k", legend=dict(groupclick="toggleitem"))
+    fig.update_xaxes(title="k (steps)", dtick=1 if data["k"].nunique() <= 16 else None)
+    fig.update_yaxes(
+        type="log",
+        title="FVU (log scale)",
+        tickvals=ticks,
+        ticktext=[f"{t:g}" for t in ticks],
     )
     return _compact(fig)
 
@@ -55,11 +109,14 @@ def l0_distribution(data: pd.DataFrame) -> go.Figure:
         y="count",
         color="modality",
         facet_col="sae",
+        facet_col_spacing=0.08,
         barmode="group",
         color_discrete_map=MODALITY_COLORS,
-        labels={"l0": "L0 (distinct atoms per input)", "count": "inputs"},
-        title="L0 distribution",
+        labels={"l0": "L0", "count": "inputs"},
+        title="L0 distribution (distinct atoms per input)",
     )
+    # Facet titles "sae=MP-SAE" read as just "MP-SAE".
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     return _compact(fig)
 
 
@@ -230,13 +287,37 @@ ATLAS_COLOR_TITLES = {
 }
 
 
+ATLAS_OTHER = "other"
+
+
 def atlas_groups(labels: pd.Series, n: int = 9) -> pd.Series:
-    """The ``n`` most common labels kept, every other label as "other"."""
-    top = labels.value_counts().index[:n]
-    return labels.where(labels.isin(top), "other")
+    """Labels grouped by their first word or category, the ``n`` most common
+    groups kept and every other atom put in ``"other"``.
+
+    Word labels list up to three words ("stars, shapes, pt"); grouping on the
+    first puts them with the atoms labelled "stars" alone.
+    """
+    head = labels.astype(str).str.split(",").str[0].str.strip()
+    head = head.where(head != "", ATLAS_OTHER)
+    top = head[head != ATLAS_OTHER].value_counts().index[:n]
+    return head.where(head.isin(top), ATLAS_OTHER)
 
 
-def atlas_spec(color: str) -> dict:
+TABLEAU10 = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
+
+
+def atlas_spec(color: str, groups: tuple[str, ...] = ()) -> dict:
     """Vega-Lite spec of the UMAP map of atoms, with a click selection.
 
     Vega-Lite (through Altair) rather than plotly because its tooltip renders
@@ -246,11 +327,21 @@ def atlas_spec(color: str) -> dict:
     label_group, frequency, modality_score, mean_pick_step and image (a data
     URI, may be empty), which Streamlit sends as Arrow. The selection
     parameter is named ``atom``. Rendered as SVG so every point is a DOM
-    element (the browser test hovers one).
+    element (the browser test hovers one). ``groups`` are the label groups
+    (:func:`atlas_groups`) in legend order, for the ``label`` colouring.
     """
     title = ATLAS_COLOR_TITLES[color]
     if color == "label":
-        encoding = alt.Color("label_group:N", title="label (top 9)")
+        # Named groups in distinct colours, "other" last and light grey.
+        named = [g for g in groups if g != ATLAS_OTHER]
+        encoding = alt.Color(
+            "label_group:N",
+            title=f"label group ({len(named)} largest)",
+            scale=alt.Scale(
+                domain=[*named, ATLAS_OTHER],
+                range=[*TABLEAU10[: len(named)], "#d9d9d9"],
+            ),
+        )
     elif color == "frequency":
         encoding = alt.Color(
             "frequency:Q", title=title, scale=alt.Scale(type="log", scheme="viridis")

@@ -38,9 +38,16 @@ def atlas_points(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def atlas_spec(color: str) -> dict:
+def atlas_spec(color: str, groups: tuple[str, ...] = ()) -> dict:
     """The chart spec for one colouring, built once (validation is slow)."""
-    return plots.atlas_spec(color)
+    return plots.atlas_spec(color, groups)
+
+
+def _groups(points: pd.DataFrame) -> tuple[str, ...]:
+    """Label groups, largest first, "other" last."""
+    order = points["label_group"].value_counts().index
+    named = [g for g in order if g != plots.ATLAS_OTHER]
+    return (*named, plots.ATLAS_OTHER)
 
 
 def _points_or_plain(ref: CacheRef, thumbnails: bool) -> pd.DataFrame:
@@ -77,7 +84,10 @@ def render() -> None:
         )
         event = st.vega_lite_chart(
             points,
-            copy.deepcopy(atlas_spec(color)),  # Streamlit may add to the spec
+            # Streamlit may add to the spec, so the cached one is copied.
+            copy.deepcopy(
+                atlas_spec(color, _groups(points) if color == "label" else ())
+            ),
             on_select="rerun",
             key="atlas_chart",
             width="stretch",
