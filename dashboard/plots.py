@@ -273,10 +273,29 @@ def trace_curves(curves: dict[str, pd.DataFrame], title: str) -> go.Figure:
         title=title,
         xaxis_title="step (TopK: atoms added by decreasing coefficient)",
         yaxis=dict(title="residual norm", rangemode="tozero"),
-        yaxis2=dict(title="FVU", overlaying="y", side="right", rangemode="tozero"),
+        yaxis2=_fvu_axis(curves),
         legend=dict(orientation="h", y=-0.3),
     )
     return _compact(fig, height=340)
+
+
+def _fvu_axis(curves: dict[str, pd.DataFrame]) -> dict:
+    """Right-hand FVU axis from 0 with ticks every 0.25 (or 0.5 above 2)."""
+    values = [c["cumulative FVU"].to_numpy(dtype=float) for c in curves.values()]
+    finite = np.concatenate(values) if values else np.array([])
+    finite = finite[np.isfinite(finite)]
+    top = max(1.0, float(finite.max())) if finite.size else 1.0
+    step = 0.25 if top <= 2 else 0.5
+    ticks = np.arange(0, np.ceil(top / step) * step + step / 2, step)
+    return dict(
+        title="FVU",
+        overlaying="y",
+        side="right",
+        range=[0, float(ticks[-1]) * 1.02],
+        tickvals=[float(t) for t in ticks],
+        ticktext=[f"{t:g}" for t in ticks],
+        showgrid=False,
+    )
 
 
 ATLAS_COLOR_TITLES = {

@@ -78,7 +78,16 @@ STEP_FORMATS = {
     "coefficient": st.column_config.NumberColumn(format="%.3f"),
     "residual norm": st.column_config.NumberColumn(format="%.3f"),
     "cumulative FVU": st.column_config.NumberColumn(format="%.4f"),
+    "label": st.column_config.TextColumn(width="medium"),
+    "nearest to reconstruction": st.column_config.TextColumn(width="large"),
+    "nearest to residual": st.column_config.TextColumn(width="large"),
 }
+ROW_PX = 35  # st.dataframe row height
+
+
+def table_height(n_rows: int, most: int = 33) -> int:
+    """Pixels that show ``n_rows`` rows and the header (at most ``most`` rows)."""
+    return ROW_PX * (min(n_rows, most) + 1) + 3
 
 
 def _final_fvu(code: live.Code) -> float:
@@ -110,10 +119,12 @@ def show_codes(ref: CacheRef, chosen: Chosen, k: int, threshold) -> live.Code:
             column_config=STEP_FORMATS,
         )
     st.markdown("**MP-SAE, step by step**")
+    mp_steps = live.step_table(ref, mp, exclude=chosen.row)
     st.dataframe(
-        live.step_table(ref, mp, exclude=chosen.row),
+        mp_steps,
         hide_index=True,
         width="stretch",
+        height=table_height(len(mp_steps)),
         column_config=STEP_FORMATS,
     )
     return mp
@@ -139,7 +150,7 @@ def show_step(ref: CacheRef, chosen: Chosen, mp: live.Code) -> None:
         st.columns(2), titles, images, texts, strict=True
     ):
         with column:
-            st.markdown(f"**{title}**: nearest corpus items")
+            st.markdown(f"**{title}**: nearest corpus images (cosine)")
             with widgets.guard("Opening corpus images"):
                 widgets.image_grid(
                     [loaders.thumbnail_bytes(ref, c) for c in image["corpus_id"]],
@@ -147,7 +158,8 @@ def show_step(ref: CacheRef, chosen: Chosen, mp: live.Code) -> None:
                     columns=4,
                 )
             st.markdown(
-                "\n".join(
+                "Nearest captions:\n\n"
+                + "\n".join(
                     f"- {t} ({c:.2f})"
                     for t, c in zip(text["text"], text["cosine"], strict=True)
                 )
