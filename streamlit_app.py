@@ -11,7 +11,12 @@ from dashboard.widgets import sidebar_cache_picker
 PAGES = [
     st.Page("dashboard/pages/overview.py", title="Overview", icon="📊", default=True),
     st.Page("dashboard/pages/atoms.py", title="Atoms", icon="🔎"),
-    st.Page("dashboard/pages/crossmodal.py", title="Cross-modal", icon="🔀"),
+    st.Page(
+        "dashboard/pages/crossmodal.py",
+        title="Cross-modal",
+        icon="🔀",
+        url_path="cross-modal",
+    ),
     st.Page("dashboard/pages/traces.py", title="Traces", icon="🪜"),
     st.Page("dashboard/pages/atlas.py", title="Atlas", icon="🗺️"),
     st.Page("dashboard/pages/edits.py", title="Edits", icon="✏️"),

@@ -34,7 +34,7 @@ PAGES = [
     ("", "Overview"),
     ("atoms", "Atoms"),
     ("atoms?atom=1", "Atom #1"),
-    ("crossmodal", "Cross-modal"),
+    ("cross-modal", "Cross-modal"),
     ("traces", "Traces"),
     ("atlas", "Atlas"),
     ("edits", "Edits"),

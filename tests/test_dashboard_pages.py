@@ -235,8 +235,103 @@ def test_crossmodal_page_and_its_widgets(cache_env):
     assert_clean(at)
     atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
     live = atoms[~atoms["dead"] & atoms["modality_score"].between(0, 1)]
-    assert f"{len(live):,} shared atoms" in texts(at)
+    assert f"{len(live):,} atoms with a modality score 0.00-1.00" in texts(at)
     assert any("cosine" in m for m in texts(at).splitlines())
+    # The stat card names its own definition of shared.
+    summary = json.loads((cache_env / "stats/summary.json").read_text())
+    card = next(m for m in at.metric if m.label.startswith("shared atoms"))
+    assert card.label == "shared atoms (score 0.05-0.95)"
+    assert card.value == f"{summary['mp']['atoms']['shared']:,}"
+    # The stored gap is rounded.
+    assert f"(summary.json): {summary['modality_gap']:.3f}" in texts(at)
+    assert str(summary["modality_gap"]) not in texts(at)
+
+
+def _bridge_links(at: AppTest) -> list[str]:
+    return [label for label in link_labels(at) if ", bridge " in label]
+
+
+def test_crossmodal_bridge_slider_ends_where_atoms_remain(cache_env):
+    at = open_page("crossmodal")
+    band = at.slider(key="band").value
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
+    in_band = atoms[~atoms["dead"] & atoms["modality_score"].between(*band)]
+    slider = at.slider(key="min_bridge")
+    assert slider.max == pytest.approx(in_band["bridge_score"].max(), abs=1e-3)
+    top = slider.max
+    slider.set_value(top).run()
+    assert_clean(at)
+    best = in_band[in_band["bridge_score"] >= top - 1e-9]
+    links = _bridge_links(at)
+    assert len(links) == min(len(best), 6) >= 1
+    n = len(best)
+    assert f"{n} atom{'' if n == 1 else 's'} with a modality score" in texts(at)
+
+
+def test_crossmodal_empty_modality_range_says_so(cache_env):
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
+    live = atoms.loc[~atoms["dead"], "modality_score"].to_numpy()
+    edges = np.round(np.arange(0.0, 0.96, 0.05), 2)
+    bands = [(float(a), round(float(a) + 0.05, 2)) for a in edges]
+    empty = [(a, b) for a, b in bands if not ((live >= a) & (live <= b)).any()]
+    assert empty, "the fixture cache has atoms in every modality band"
+    at = open_page("crossmodal")
+    at.slider(key="band").set_value(empty[0]).run()
+    assert_clean(at)
+    assert any("No live atom has a modality score" in i.value for i in at.info)
+    assert not _bridge_links(at)
+    assert "highest bridge score" not in texts(at)
+
+
+def _shared_count(cache: Path, image_row: int, text_row: int) -> int:
+    atoms_nk = np.load(cache / "codes/mp_atoms.npy")
+    image, text = atoms_nk[image_row], atoms_nk[text_row]
+    return len(set(image[image >= 0]) & set(text[text >= 0]))
+
+
+def _attribution_table(at: AppTest) -> pd.DataFrame | None:
+    tables = [df.value for df in at.dataframe if "adds to cosine" in df.value]
+    return tables[0] if tables else None
+
+
+def test_crossmodal_starts_on_a_pair_that_shares_atoms(cache_env):
+    items = pd.read_parquet(cache_env / "activations/items.parquet")
+    images = items[(items["modality"] == "image") & (items["pair_row"] >= 0)]
+    pairs = zip(images["row"], images["pair_row"], strict=True)
+    sharing = images[[_shared_count(cache_env, r, p) > 0 for r, p in pairs]]
+    test = sharing[sharing["split"] == "test"]
+    expected = int((test if not test.empty else sharing)["row"].iloc[0])
+    at = open_page("crossmodal")
+    assert_clean(at)
+    assert at.selectbox(key="pair_image_row").value == expected
+    caption = at.selectbox(key="pair_caption").value
+    assert caption == int(items.set_index("row").loc[expected, "pair_row"])
+    n = _shared_count(cache_env, expected, caption)
+    table = _attribution_table(at)
+    assert len(table) == n
+    assert (table["atom"] >= 0).all()
+    assert not table.isna().any().any()
+    word = "atom adds" if n == 1 else "atoms add"
+    assert f"the {n} shared {word} " in texts(at)
+
+
+def test_crossmodal_pair_without_shared_atoms_says_so(cache_env):
+    items = pd.read_parquet(cache_env / "activations/items.parquet")
+    texts_ = items[items["modality"] == "text"]
+    image_row = {int(r) for r in items.loc[items["modality"] == "image", "row"]}
+    pair = next(
+        (int(t["pair_row"]), int(t["row"]))
+        for _, t in texts_.iterrows()
+        if int(t["pair_row"]) in image_row
+        and _shared_count(cache_env, int(t["pair_row"]), int(t["row"])) == 0
+    )
+    at = open_page("crossmodal")
+    at.selectbox(key="pair_image_row").set_value(pair[0]).run()
+    at.selectbox(key="pair_caption").set_value(pair[1]).run()
+    assert_clean(at)
+    assert "share no atom" in texts(at)
+    assert _attribution_table(at) is None
+    assert "shared atoms add" not in texts(at)
 
 
 def test_cosine_attribution_sums_to_the_cosine(cache_env):
