@@ -147,6 +147,52 @@ def test_overview_pair_cosines_are_real_atom_cosines(cache_env):
         assert np.all(np.abs(values) <= 1 + 1e-5)
 
 
+def test_overview_charts_read_clearly_and_stages_keep_pipeline_order(cache_env):
+    from backend.build import STAGES
+
+    at = open_page()
+    assert_clean(at)
+    manifest = json.loads((cache_env / "manifest.json").read_text())
+    stages = at.dataframe[1].value["stage"].tolist()
+    assert stages == [s for s in STAGES if s in manifest["stages"]]
+    assert stages != sorted(stages)
+    specs = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    fvu = next(s for s in specs if "FVU" in s["layout"]["title"]["text"])
+    y = fvu["layout"]["yaxis"]
+    assert y["type"] == "log"
+    assert len(y["tickvals"]) >= 2
+    for value, text in zip(y["tickvals"], y["ticktext"], strict=True):
+        assert float(text) == pytest.approx(value)
+        mantissa = value / 10 ** np.floor(np.log10(value))
+        assert round(mantissa, 6) in (1, 2, 3, 4, 5, 6, 7, 8, 9)
+    styles = {}
+    for trace in fvu["data"]:
+        sae = "TopK" if "TopK" in trace["name"] else "MP"
+        assert sae in trace["name"]
+        style = (trace["line"]["color"], trace["line"]["dash"])
+        styles.setdefault(sae, set()).add(style + (trace["marker"]["symbol"],))
+    assert set(styles) == {"MP", "TopK"}
+    mp_look = {(d, s.split("-")[0]) for _, d, s in styles["MP"]}
+    topk_look = {(d, s.split("-")[0]) for _, d, s in styles["TopK"]}
+    assert not mp_look & topk_look
+    assert not {c for c, _, _ in styles["MP"]} & {c for c, _, _ in styles["TopK"]}
+    l0 = next(s for s in specs if "L0" in s["layout"]["title"]["text"])
+    x_titles = [
+        v["title"]["text"] for k, v in l0["layout"].items() if k.startswith("xaxis")
+    ]
+    assert len(x_titles) == 2 and all(len(t) <= 12 for t in x_titles)
+    assert all("=" not in a["text"] for a in l0["layout"].get("annotations", []))
+
+
+def test_overview_dead_atom_share_is_text_not_a_delta(cache_env):
+    at = open_page()
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
+    dead = next(m for m in at.metric if m.label == "dead atoms")
+    assert dead.proto.delta == ""
+    share = f"{atoms['dead'].mean():.1%} of the {len(atoms):,} atoms"
+    assert share in texts(at)
+
+
 # ---------------------------------------------------------------- atoms
 
 
@@ -222,6 +268,102 @@ def test_free_text_search_lists_the_atoms_the_pursuit_picks(cache_env):
     picked = [lbl for lbl in link_labels(at) if "step 1," in lbl]
     assert len(picked) == 1
     assert "The MP-SAE picks" in texts(at)
+
+
+def _label_words(label: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[0-9a-z]+", str(label).lower()))
+
+
+def _search_hits(at: AppTest) -> list[int]:
+    """Atom ids the label search lists, in order (its links note a frequency)."""
+    return [
+        int(lbl[1:].split(" ", 1)[0])
+        for lbl in link_labels(at)
+        if "· frequency " in lbl
+    ]
+
+
+def test_label_search_matches_whole_words_only(cache_env):
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet").set_index("atom")
+    words = atoms["label"].map(_label_words)
+    every = sorted({w for ws in words for w in ws if len(w) >= 3})
+    cases = []
+    for query in every:
+        whole = words[words.map(lambda ws, q=query: q in ws)].index
+        inside = words[
+            words.map(lambda ws, q=query: q not in ws and any(q in w for w in ws))
+        ].index
+        if len(inside):
+            cases.append((len(whole) == 0, query, set(whole), set(inside)))
+    # A query that is a whole word of some labels and only part of a longer
+    # word ("car" in "cards") of others; the substring rule listed both.
+    _, query, whole, inside = min(cases)
+    assert whole, "the tiny cache should have a word inside a longer word"
+    at = open_page("atoms")
+    at.text_input(key="label_query").set_value(query).run()
+    assert_clean(at)
+    hits = _search_hits(at)
+    assert set(hits) == whole
+    assert not set(hits) & inside
+    assert f"{len(whole)} atom" in texts(at)
+
+
+def test_label_search_ranks_exact_labels_first(cache_env):
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet").set_index("atom")
+    words = atoms["label"].map(_label_words)
+
+    # A label also found, as words, inside a longer label if there is one.
+    def inside_longer(ws):
+        return any(ws < other for other in words)
+
+    pick = words[words.map(inside_longer)]
+    query = str(atoms.loc[(pick if len(pick) else words).index[0], "label"])
+    at = open_page("atoms")
+    at.text_input(key="label_query").set_value(query).run()
+    assert_clean(at)
+    hits = _search_hits(at)
+    exact = set(words[words == _label_words(query)].index)
+    assert set(hits[: len(exact)]) == exact
+    matching = set(words[words.map(lambda ws: _label_words(query) <= ws)].index)
+    assert set(hits) == matching if len(matching) <= 20 else set(hits) < matching
+    freq = atoms.loc[hits[: len(exact)], "frequency"].tolist()
+    assert freq == sorted(freq, reverse=True)
+
+
+def test_label_search_without_match_says_so_and_shows_no_atom(cache_env):
+    at = open_page("atoms", atom="2")
+    at.text_input(key="label_query").set_value("zzzqqq").run()
+    assert_clean(at)
+    assert "No atom label matches 'zzzqqq'." in [i.value for i in at.info]
+    assert not _search_hits(at)
+    # Another tab open: its atom is still shown.
+    assert at.header[0].value.startswith("Atom #2")
+    at.session_state["atom_tab"] = "By label"
+    at.run()
+    assert_clean(at)
+    assert "No atom label matches 'zzzqqq'." in [i.value for i in at.info]
+    assert not [h.value for h in at.header if h.value.startswith("Atom #")]
+    at.text_input(key="label_query").set_value("").run()
+    assert at.header[0].value.startswith("Atom #2")
+
+
+def test_atom_page_explains_coefficients_and_one_modality_atoms(cache_env):
+    atoms = pd.read_parquet(cache_env / "stats/atoms.parquet")
+    middle = atoms[atoms["modality_score"].between(0.2, 0.8)]["atom"].iloc[0]
+    at = open_page("atoms", atom=str(middle))
+    assert_clean(at)
+    assert "coefficient on that image" in texts(at)
+    assert not [i for i in at.info if "-only atom" in i.value]
+    text_only = atoms[atoms["modality_score"] <= 0.05]["atom"]
+    image_only = atoms[atoms["modality_score"] >= 0.95]["atom"]
+    assert len(text_only) + len(image_only) > 0
+    for ids, note in ((text_only, "Text-only atom"), (image_only, "Image-only atom")):
+        if len(ids):
+            at = open_page("atoms", atom=str(ids.iloc[0]))
+            assert_clean(at)
+            assert [i for i in at.info if i.value.startswith(note)]
 
 
 # ---------------------------------------------------------------- cross-modal

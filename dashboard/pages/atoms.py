@@ -6,6 +6,8 @@ shared and every atom mentioned anywhere links to its page.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -15,7 +17,12 @@ from dashboard.loaders import CacheRef
 
 N_TOP = 12
 N_LINKS = 8
+N_MATCHES = 20
 INPUT_KEY = "atom_input"
+TAB_KEY = "atom_tab"
+TEXT_ONLY = 0.05
+IMAGE_ONLY = 0.95
+WORD = re.compile(r"[0-9a-z]+")
 
 
 def _sync_input_from_url(url_atom: int | None) -> None:
@@ -41,21 +48,62 @@ def pick_by_id(ref: CacheRef, url_atom: int | None) -> None:
     )
 
 
-def search_by_label(ref: CacheRef) -> None:
+def _words(text: str) -> list[str]:
+    """Lower-cased words of ``text``: runs of letters and digits."""
+    return WORD.findall(text.lower())
+
+
+def label_matches(atoms: pd.DataFrame, query: str) -> pd.DataFrame:
+    """Atoms whose label holds every word of ``query`` as a whole word.
+
+    Ranked: labels made of exactly the query's words first, then labels with
+    a comma-separated part that is exactly the query, then the rest; the most
+    frequent first within each rank.
+    """
+    wanted = _words(query)
+    if not wanted:
+        return atoms.iloc[:0]
+    labels = atoms["label"].fillna("").astype(str)
+    words = labels.map(_words)
+    hits = words.map(lambda have: set(wanted) <= set(have))
+    table = atoms[hits].copy()
+    parts = labels[hits].map(lambda label: [_words(p) for p in label.split(",")])
+    table["rank"] = np.where(
+        words[hits].map(lambda have: set(have) == set(wanted)),
+        0,
+        np.where(parts.map(lambda ps: wanted in ps), 1, 2),
+    )
+    return table.sort_values(["rank", "frequency"], ascending=[True, False])
+
+
+def search_by_label(ref: CacheRef) -> bool:
+    """The label search; False when a query is typed and no label matches."""
     query = st.text_input(
-        "Label contains", key="label_query", placeholder="for example: dog"
+        "Label words",
+        key="label_query",
+        placeholder="for example: dog",
+        help="whole words of the label, any case; with several words, "
+        "labels holding all of them",
     )
     if not query.strip():
-        return
-    labels = loaders.atom_label_index(ref)
-    hits = labels[labels.str.contains(query.strip().lower(), regex=False)]
-    table = loaders.atoms(ref).loc[hits.index]
-    table = table.sort_values("frequency", ascending=False)
-    st.caption(f"{len(table)} atoms match; the most frequent first.")
+        return True
+    table = label_matches(loaders.atoms(ref), query)
+    if table.empty:
+        st.info(f"No atom label matches '{query.strip()}'.")
+        return False
+    shown = f"; the first {N_MATCHES} are listed" if len(table) > N_MATCHES else ""
+    st.caption(
+        f"{len(table)} atom{'s' if len(table) != 1 else ''} match{shown}: "
+        "labels that are exactly the query first, then the most frequent."
+    )
     for atom, label, freq in zip(
-        table["atom"][:20], table["label"][:20], table["frequency"][:20], strict=True
+        table["atom"][:N_MATCHES],
+        table["label"][:N_MATCHES],
+        table["frequency"][:N_MATCHES],
+        strict=True,
     ):
         widgets.atom_link(int(atom), str(label), f"frequency {freq:.4f}")
+    return True
 
 
 def search_by_text(ref: CacheRef) -> None:
@@ -113,11 +161,35 @@ def _top(ref: CacheRef, atom: int, modality: str) -> pd.DataFrame:
     return tops.loc[[(atom, modality)]].head(N_TOP)
 
 
-def show_top_items(ref: CacheRef, atom: int) -> None:
+def modality_note(score: float) -> str | None:
+    """One line for an atom that (almost) only fires on one modality."""
+    if pd.isna(score):
+        return None
+    if score <= TEXT_ONLY:
+        return (
+            f"Text-only atom (modality score {score:.2f} <= {TEXT_ONLY}): "
+            "nearly all its activation is on texts, so it has few or no top images."
+        )
+    if score >= IMAGE_ONLY:
+        return (
+            f"Image-only atom (modality score {score:.2f} >= {IMAGE_ONLY}): "
+            "nearly all its activation is on images, so it has few or no top texts."
+        )
+    return None
+
+
+def show_top_items(ref: CacheRef, atom: int, info: pd.Series) -> None:
+    note = modality_note(info["modality_score"])
+    if note:
+        st.info(note)
     left, right = st.columns([3, 2])
     data = loaders.items(ref)
     with left:
         st.subheader("Top images")
+        st.caption(
+            "Under each image: this atom's coefficient on that image "
+            "(its weight in the image's code), then the image's name."
+        )
         with widgets.guard("Opening corpus images"):
             top = _top(ref, atom, "image")
             ids = data.loc[top["row"], "corpus_id"].tolist()
@@ -129,6 +201,7 @@ def show_top_items(ref: CacheRef, atom: int) -> None:
             widgets.image_grid(images, captions, columns=4)
     with right:
         st.subheader("Top texts")
+        st.caption("coefficient: this atom's weight in the text's code")
         top = _top(ref, atom, "text")
         texts = pd.DataFrame(
             {
@@ -234,7 +307,7 @@ def show_atom(ref: CacheRef, atom: int) -> None:
     info = table.loc[atom]
     show_header(info)
     with widgets.guard("Showing the top items"):
-        show_top_items(ref, atom)
+        show_top_items(ref, atom, info)
     with widgets.guard("Drawing the histograms"):
         show_histograms(ref, atom, info)
     with widgets.guard("Listing related atoms"):
@@ -256,16 +329,22 @@ def render() -> None:
     # Write it back: the browser's address bar then always names the atom
     # shown, also after a link to this same page or with no parameter.
     st.query_params["atom"] = str(atom)
-    by_id, by_label, by_text = st.tabs(["By id", "By label", "By free text"])
+    by_id, by_label, by_text = st.tabs(
+        ["By id", "By label", "By free text"], key=TAB_KEY, on_change="rerun"
+    )
     with by_id:
         with widgets.guard("Choosing an atom"):
             pick_by_id(ref, atom)
+    found = True
     with by_label:
         with widgets.guard("Searching labels"):
-            search_by_label(ref)
+            found = search_by_label(ref)
     with by_text:
         with widgets.guard("Encoding the text"):
             search_by_text(ref)
+    # An empty label search shows no atom: the one below would be unrelated.
+    if not found and by_label.open:
+        return
     show_atom(ref, atom)
 
 

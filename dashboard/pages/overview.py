@@ -11,6 +11,9 @@ from dashboard import analysis, loaders, plots, widgets
 from dashboard.loaders import CacheRef
 
 HIDDEN_SETTINGS = ("model.card.details", "model.card.preprocess")
+# The build's stages in pipeline order (backend.build.STAGES; not imported
+# here because importing the build module costs seconds on the first page).
+STAGE_ORDER = ("activations", "train_mp", "train_topk", "encode", "stats")
 
 
 def settings_table(data: dict) -> pd.DataFrame:
@@ -27,13 +30,16 @@ def settings_table(data: dict) -> pd.DataFrame:
 
 
 def stage_table(data: dict) -> pd.DataFrame:
-    """Seconds per build stage from the manifest."""
+    """Seconds per build stage from the manifest, in pipeline order.
+
+    Stages the pipeline does not know come last, in manifest order.
+    """
     stages = data.get("stages", {})
+    order = [name for name in STAGE_ORDER if name in stages]
+    order += [name for name in stages if name not in STAGE_ORDER]
+    rows = [(n, stages[n].get("seconds"), stages[n].get("done")) for n in order]
     return pd.DataFrame(
-        [
-            (name, info.get("seconds"), info.get("done"))
-            for name, info in stages.items()
-        ],
+        rows,
         columns=["stage", "seconds", "done"],
     )
 
@@ -76,19 +82,22 @@ def show_headline(ref: CacheRef) -> None:
             help=f"fraction of variance unexplained at k = {top_k}",
         )
     cells[-2].metric("atoms", f"{len(atoms):,}")
+    n_dead = int(atoms["dead"].sum())
+    share = f"{atoms['dead'].mean():.1%} of the {len(atoms):,} atoms"
     cells[-1].metric(
         "dead atoms",
-        f"{int(atoms['dead'].sum()):,}",
-        f"{atoms['dead'].mean():.1%} of all",
-        delta_color="off",
+        f"{n_dead:,}",
+        help=f"{share}; a dead atom is picked for no input of the corpus",
     )
+    notes = [f"Dead atoms: {n_dead:,}, {share}."]
     kinds = loaders.summary(ref).get("mp", {}).get("atoms", {})
     if kinds:
-        st.caption(
+        notes.append(
             "MP atoms: "
             + " · ".join(f"{n:,} {name.replace('_', '-')}" for name, n in kinds.items())
-            + " (image-only: modality score >= 0.95, text-only: <= 0.05)"
+            + " (image-only: modality score >= 0.95, text-only: <= 0.05)."
         )
+    st.caption(" ".join(notes))
 
 
 def show_summary(ref: CacheRef) -> None:
