@@ -285,7 +285,7 @@ def _search_hits(at: AppTest) -> list[int]:
     ]
 
 
-def test_label_search_matches_whole_words_only(cache_env):
+def test_atoms_label_search_matches_whole_words_only(cache_env):
     atoms = pd.read_parquet(cache_env / "stats/atoms.parquet").set_index("atom")
     words = atoms["label"].map(_label_words)
     every = sorted({w for ws in words for w in ws if len(w) >= 3})
@@ -310,7 +310,7 @@ def test_label_search_matches_whole_words_only(cache_env):
     assert f"{len(whole)} atom" in texts(at)
 
 
-def test_label_search_ranks_exact_labels_first(cache_env):
+def test_atoms_label_search_ranks_exact_labels_first(cache_env):
     atoms = pd.read_parquet(cache_env / "stats/atoms.parquet").set_index("atom")
     words = atoms["label"].map(_label_words)
 
@@ -332,7 +332,7 @@ def test_label_search_ranks_exact_labels_first(cache_env):
     assert freq == sorted(freq, reverse=True)
 
 
-def test_label_search_without_match_says_so_and_shows_no_atom(cache_env):
+def test_atoms_label_search_without_match_says_so_and_shows_no_atom(cache_env):
     at = open_page("atoms", atom="2")
     at.text_input(key="label_query").set_value("zzzqqq").run()
     assert_clean(at)
