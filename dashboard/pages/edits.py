@@ -2,14 +2,17 @@
 
 Choose a corpus image or upload one, type a source and a target text, choose
 an edit method (backend.edits) and see the pictures (original, the
-generator's reconstruction, the edited picture), the atoms gained, lost and
-changed, both pursuit traces, the similarity to both texts and the nearest
-corpus images before and after. The same seed gives the same result.
+generator's reconstruction, the edited picture), a verdict (is the target
+text's label among the nearest corpus images after the edit), the atoms
+gained, lost and changed, both pursuit traces, the similarity to both texts
+and the nearest corpus images before and after. Atom steering starts on the
+atom closest to the target text. The same seed gives the same result.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import streamlit as st
@@ -53,12 +56,15 @@ def load_tower(spec: str):
     return gen.image_tower(loaders.encoder(spec))
 
 
+def generator_dir() -> str:
+    return os.environ.get(GENERATOR_DIR_ENV, str(gen.DEFAULT_DIR))
+
+
 def generator_or_none(ref: CacheRef):
     """The generator for this cache's model, or None with a note saying why."""
     encoder = loaders.encoder(loaders.model_spec(ref))
     try:
-        directory = os.environ.get(GENERATOR_DIR_ENV, str(gen.DEFAULT_DIR))
-        return load_generator(directory, gen.model_fingerprint(encoder))
+        return load_generator(generator_dir(), gen.model_fingerprint(encoder))
     except (FileNotFoundError, ValueError) as error:
         st.info(f"No pictures: {error}")
         st.code(TRAIN_COMMAND, language="bash")
@@ -88,7 +94,9 @@ def choose_image(ref: CacheRef) -> Chosen | None:
         return Chosen(live.embed_image(ref, image), image, upload.name, None)
 
 
-def method_controls(ref: CacheRef, has_generator: bool) -> edits.EditMethod:
+def method_controls(
+    ref: CacheRef, has_generator: bool, target: str = ""
+) -> edits.EditMethod:
     """The method radio and its knobs; returns the method config."""
     method = st.radio("Method", METHODS, horizontal=True, key="edit_method")
     seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="edit_seed"))
@@ -105,7 +113,7 @@ def method_controls(ref: CacheRef, has_generator: bool) -> edits.EditMethod:
         return edits.TextDirection(alpha=alpha, seed=seed)
     if method == METHODS[1]:
         return clip_guided_controls(seed, has_generator)
-    return steering_controls(ref, seed)
+    return steering_controls(ref, seed, target)
 
 
 def clip_guided_controls(seed: int, has_generator: bool) -> edits.ClipGuided:
@@ -150,11 +158,13 @@ def clip_guided_controls(seed: int, has_generator: bool) -> edits.ClipGuided:
     )
 
 
-def steering_controls(ref: CacheRef, seed: int) -> edits.AtomSteering:
+def steering_controls(ref: CacheRef, seed: int, target: str = "") -> edits.AtomSteering:
     n_atoms = int(loaders.sae(ref, "mp").atoms_md.shape[0])
     k = int(loaders.sae(ref, "mp").config.k)
+    suggestion = prefill_atom(ref, target)
     cols = st.columns(4)
-    atom = int(cols[0].number_input("atom", 0, n_atoms - 1, 0, key="edit_atom"))
+    atom = int(cols[0].number_input("atom", 0, n_atoms - 1, key="edit_atom"))
+    st.session_state[ATOM_CHOICE] = atom
     action = cols[1].radio("action", ("add", "remove", "force"), key="edit_action")
     if action == "remove":
         strength = cols[2].slider(
@@ -169,7 +179,61 @@ def steering_controls(ref: CacheRef, seed: int) -> edits.AtomSteering:
             "force at step", 1, k, 1, key="edit_step", disabled=action != "force"
         )
     )
+    if suggestion is not None:
+        suggested, text, cosine = suggestion
+        label = atom_labels(ref)[suggested] or "no label"
+        if atom == suggested:
+            st.caption(
+                f"Atom {suggested} ({label}) was chosen from the target text: of "
+                f"all dictionary atoms its direction is closest to the embedding "
+                f"of '{text}' (cosine {cosine:.3f}). Change it to steer with "
+                "another atom."
+            )
+        else:
+            st.caption(
+                f"The atom closest to the target text '{text}' is {suggested} "
+                f"({label}, cosine {cosine:.3f})."
+            )
     return edits.AtomSteering(atom, action, strength, step, seed=seed)
+
+
+# Session keys of the steering atom: the suggestion for the current target
+# text (set only when the target changes) and the last atom used, which
+# survives the atom box being hidden by another method or page.
+ATOM_SUGGESTION = "edit_atom_suggestion"
+ATOM_CHOICE = "edit_atom_choice"
+
+
+def prefill_atom(ref: CacheRef, target: str) -> tuple[int, str, float] | None:
+    """Pre-fill the steering atom from the target text, once per new text.
+
+    Returns ``(atom, text, cosine)`` of the suggestion for the current target
+    text, or None without one. The atom box is set to the suggestion only
+    when the target text (or the cache) changes, so a hand-picked atom stays.
+    """
+    text = " ".join(target.split())
+    previous = st.session_state.get(ATOM_SUGGESTION)
+    if text and (previous is None or previous[0] != (ref.key, text)):
+        atom, cosine = atom_for_text(ref, text)
+        previous = ((ref.key, text), atom, cosine)
+        st.session_state[ATOM_SUGGESTION] = previous
+        st.session_state[ATOM_CHOICE] = atom
+        st.session_state["edit_atom"] = atom
+    elif "edit_atom" not in st.session_state and ATOM_CHOICE in st.session_state:
+        st.session_state["edit_atom"] = st.session_state[ATOM_CHOICE]
+    if not text or previous is None or previous[0] != (ref.key, text):
+        return None
+    return previous[1], text, previous[2]
+
+
+def atom_for_text(ref: CacheRef, text: str) -> tuple[int, float]:
+    """The MP atom whose (unit) direction is closest to ``T(text)``, and the
+    cosine between them."""
+    text_d = edits.phrase_embedding(loaders.encoder(loaders.model_spec(ref)), [text])[0]
+    atoms_md = loaders.sae(ref, "mp").atoms_md.detach().float()
+    scores_m = atoms_md @ text_d.to(atoms_md.device)
+    atom = int(scores_m.argmax())
+    return atom, float(scores_m[atom])
 
 
 def show_pictures(ref, chosen: Chosen, result: edits.EditResult, generator) -> None:
@@ -196,6 +260,76 @@ def show_pictures(ref, chosen: Chosen, result: edits.EditResult, generator) -> N
                 loaders.sae(ref, "mp"), generator, result.method.atom, 1.0
             )
             st.image(_big(picture), caption="the atom alone: G(b + atom)", width=96)
+    if generator is not None:
+        st.caption(generator_note())
+
+
+def generator_note() -> str:
+    """How far to trust the pictures, with the generator's held-out cosine."""
+    note = "The generator keeps colour and rough shape only"
+    try:
+        test = gen.generator_meta(generator_dir()).get("test") or {}
+    except (OSError, ValueError):
+        test = {}
+    if "cosine" in test and "cosine_baseline" in test:
+        note += (
+            f" (on held-out images, its picture encoded again has cosine "
+            f"{test['cosine']:.3f} with the embedding it was made from; a "
+            f"constant mean picture scores {test['cosine_baseline']:.3f})"
+        )
+    return (
+        note + ", so pictures of different edits can look alike. The nearest "
+        "corpus images below are the reliable read-out of the edit."
+    )
+
+
+def show_verdict(result: edits.EditResult, target: str, index) -> None:
+    """One line: is the target text's label among the nearest images after?"""
+    text = " ".join(target.split())
+    after, before = result.neighbours_after, result.neighbours_before
+    if not text or after is None or before is None:
+        return
+    rank_after = _label_rank(after, text)
+    rank_before = _label_rank(before, text)
+    if rank_before is None:
+        was = "it was not among the nearest before"
+    else:
+        already = "already " if rank_after is not None else ""
+        was = f"it was {already}the {_ordinal(rank_before)} before"
+    if rank_after is not None:
+        st.markdown(
+            f"**Target reached:** '{text}' is the {_ordinal(rank_after)} nearest "
+            f"corpus image after the edit ({was})."
+        )
+        return
+    line = f"**Target not among the {len(after)} nearest corpus images** after the edit"
+    if not any(_matches(label, text) for label in set(index.labels)):
+        line += f": no corpus image has a label matching '{text}'"
+    elif rank_before is not None:
+        line += f" ({was})"
+    st.markdown(line + ".")
+
+
+def _label_rank(table, text: str) -> int | None:
+    """The 1-based rank of the first neighbour whose label matches ``text``."""
+    for rank, label in zip(table["rank"], table["label"], strict=True):
+        if _matches(str(label), text):
+            return int(rank)
+    return None
+
+
+def _matches(label: str, text: str) -> bool:
+    """Case-insensitive: the label is the text, or holds it as whole words
+    (also with the label's last path part read as words)."""
+    pattern = re.compile(rf"(?<!\w){re.escape(text)}(?!\w)", re.IGNORECASE)
+    return any(pattern.search(form) for form in (label, edits.readable(label)))
+
+
+def _ordinal(n: int) -> str:
+    if 10 <= n % 100 <= 20:
+        return f"{n}th"
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _big(image: Image.Image) -> Image.Image:
@@ -206,11 +340,18 @@ def show_changes(result: edits.EditResult) -> None:
     st.subheader("Code changes")
     changes = result.changes
     counts = changes["status"].value_counts()
+    lost = int(counts.get("lost", 0))
     st.markdown(
-        f"**{counts.get('gained', 0)} atoms gained, {counts.get('lost', 0)} lost, "
+        f"**{counts.get('gained', 0)} atoms gained, {lost} lost, "
         f"{counts.get('changed', 0)} changed** (fresh pursuits of the original "
         "and the edited embedding)"
     )
+    n_code = int((result.before.codes[0] != 0).sum())
+    if n_code and 2 * lost > n_code:
+        st.markdown(
+            f"The edit replaced {lost} of the {n_code} atoms of the code: the "
+            "edited embedding is read by mostly different atoms."
+        )
     st.dataframe(changes, hide_index=True, width="stretch")
     for rec in changes.head(5).itertuples():
         widgets.atom_link(int(rec.atom), rec.label, f"{rec.status} {rec.delta:+.3f}")
@@ -251,14 +392,14 @@ def render() -> None:
         return
     left, right = st.columns(2)
     source = left.text_input(
-        "Source text", key="edit_source_text", placeholder="dog face"
+        "Source text", key="edit_source_text", placeholder="e.g. dog face"
     )
     target = right.text_input(
-        "Target text", key="edit_target_text", placeholder="cat face"
+        "Target text", key="edit_target_text", placeholder="e.g. cat face"
     )
     with widgets.guard("Loading the generator"):
         generator = generator_or_none(ref)
-    method = method_controls(ref, generator is not None)
+    method = method_controls(ref, generator is not None, target)
     if not isinstance(method, edits.AtomSteering) and not (
         source.strip() and target.strip()
     ):
@@ -267,6 +408,7 @@ def render() -> None:
     with widgets.guard("Editing"), st.spinner("Editing ..."):
         result = run(ref, chosen, method, source, target, generator)
         show_pictures(ref, chosen, result, generator)
+        show_verdict(result, target, retrieval_index(ref))
         show_changes(result)
         show_traces(result, atom_labels(ref))
         show_neighbours(ref, result)
