@@ -22,6 +22,50 @@ class Chosen(NamedTuple):
     modality: str
 
 
+URL_SEEN = "trace_url_seen"
+
+
+def apply_url(ref: CacheRef) -> None:
+    """Open the view a shared link names: ``?item=ROW`` (a corpus activation)
+    or ``?text=...``, with optional ``k``. A parameter is applied once, when it
+    changes, so the widgets stay the user's afterwards."""
+    params = {name: st.query_params.get(name) for name in ("item", "text", "k")}
+    if st.session_state.get(URL_SEEN) == params:
+        return
+    st.session_state[URL_SEEN] = params
+    row = widgets.query_int("item")
+    if row is not None:
+        names = loaders.item_names(ref)
+        if 0 <= row < len(names):
+            st.session_state["trace_source"] = SOURCES[0]
+            st.session_state["trace_item_filter"] = names[row]
+            st.session_state["trace_item_row"] = row
+        else:
+            st.warning(f"There is no corpus item {row}; the link's item is ignored.")
+    elif params["text"]:
+        st.session_state["trace_source"] = SOURCES[2]
+        st.session_state["trace_text"] = params["text"]
+    k = widgets.query_int("k")
+    if k is not None and 1 <= k <= live.max_steps(ref):
+        st.session_state["trace_k"] = k
+
+
+def write_url(chosen: Chosen | None, k: int) -> None:
+    """Keep the URL naming the current view, so that it can be shared."""
+    params: dict[str, str] = {}
+    source = st.session_state.get("trace_source", SOURCES[0])
+    if chosen is not None and chosen.row is not None:
+        params["item"] = str(chosen.row)
+    elif chosen is not None and source == SOURCES[2]:
+        params["text"] = st.session_state.get("trace_text", "").strip()
+    if chosen is not None:
+        params["k"] = str(k)
+    st.query_params.from_dict(params)
+    st.session_state[URL_SEEN] = {
+        name: params.get(name) for name in ("item", "text", "k")
+    }
+
+
 def choose_input(ref: CacheRef) -> Chosen | None:
     """The input the user picked, uploaded or typed, embedded."""
     source = st.radio("Input", SOURCES, horizontal=True, key="trace_source")
@@ -169,12 +213,15 @@ def show_step(ref: CacheRef, chosen: Chosen, mp: live.Code) -> None:
 def render() -> None:
     st.title("Traces")
     ref = widgets.current_cache()
+    apply_url(ref)
     with widgets.guard("Choosing the input"):
         chosen = choose_input(ref)
     if chosen is None:
+        write_url(None, 0)
         st.info("Choose a corpus item, upload an image or type a text.")
         return
     k, threshold = sparsity_controls(ref)
+    write_url(chosen, k)
     with widgets.guard("Encoding the input"):
         mp = show_codes(ref, chosen, k, threshold)
         show_step(ref, chosen, mp)
