@@ -217,22 +217,32 @@ def _upload(page, name: str, data: bytes) -> None:
     )
 
 
-def test_traces_upload_real_image_and_reject_a_broken_one(
-    app_url, browser_page, tiny_cache
-):
+def _open_upload_tab(page, url: str, title: str, ready: str) -> None:
+    """Open a page, switch its image source to upload and wait for ``ready``."""
+    page.goto(url, wait_until="domcontentloaded")
+    _settle(page, title)
+    page.get_by_text("Upload an image").click()
+    _settle(page, ready)
+
+
+def _corpus_png() -> bytes:
+    """The first shipped corpus image as PNG bytes: a real upload."""
     import io
 
     from backend.corpus import load_corpus
 
-    page = browser_page
-    page.goto(f"{app_url}/traces", wait_until="domcontentloaded")
-    _settle(page, "Traces")
-    page.get_by_text("Upload an image").click()
-    _settle(page, "Traces")
     corpus = load_corpus(None)
     buffer = io.BytesIO()
     corpus.open_image(corpus.table["id"].iloc[0]).save(buffer, format="PNG")
-    _upload(page, "real.png", buffer.getvalue())
+    return buffer.getvalue()
+
+
+def test_traces_upload_real_image_and_reject_a_broken_one(
+    app_url, browser_page, tiny_cache
+):
+    page = browser_page
+    _open_upload_tab(page, f"{app_url}/traces", "Traces", "Traces")
+    _upload(page, "real.png", _corpus_png())
     _settle(page, "MP-SAE, step by step")
     _assert_no_exception(page, "upload")
     page.screenshot(path=SCREENSHOTS / "traces_upload.png")
@@ -246,19 +256,10 @@ def test_traces_upload_real_image_and_reject_a_broken_one(
 def test_edits_upload_real_image_edits_it_and_rejects_a_broken_one(
     app_url, browser_page, tiny_cache
 ):
-    import io
-
-    from backend.corpus import load_corpus
-
     page = browser_page
-    page.goto(f"{app_url}/edits", wait_until="domcontentloaded")
-    _settle(page, "Edits")
-    page.get_by_text("Upload an image").click()
-    _settle(page, "Choose a corpus image or upload one")
-    corpus = load_corpus(None)
-    buffer = io.BytesIO()
-    corpus.open_image(corpus.table["id"].iloc[0]).save(buffer, format="PNG")
-    _upload(page, "mine.png", buffer.getvalue())
+    ready = "Choose a corpus image or upload one"
+    _open_upload_tab(page, f"{app_url}/edits", "Edits", ready)
+    _upload(page, "mine.png", _corpus_png())
     _settle(page, "Type a source and a target text")
     page.get_by_label("Source text").fill("grinning face")
     page.get_by_label("Source text").press("Enter")
