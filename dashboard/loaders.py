@@ -245,12 +245,6 @@ def array(ref: CacheRef, name: str) -> np.ndarray:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def atom_label_index(ref: CacheRef) -> pd.Series:
-    """Lower-cased labels indexed by atom, for label search."""
-    return atoms(ref)["label"].fillna("").astype(str).str.lower()
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
 def item_names(ref: CacheRef) -> pd.Series:
     """A short readable name per activation row, for pickers and tables."""
     data = items(ref)
