@@ -139,17 +139,23 @@ def browser_page(app_url):
             browser.close()
 
 
-def _wait_for_charts(page) -> int:
-    """Wait until every plotly chart of the page has drawn a trace; their count.
+def _wait_for_charts(page, at_least: int = 0) -> int:
+    """Wait until the page holds ``at_least`` plotly charts and every one has
+    drawn a trace; their count.
 
-    Streamlit reports the run as finished before plotly has drawn, so a
-    screenshot taken at once shows empty frames; a chart that never draws
-    fails the test.
+    Streamlit reports the run as finished before plotly has mounted and drawn
+    its charts, so a screenshot taken at once shows empty frames, or none; a
+    chart that never draws fails the test.
     """
     page.wait_for_function(
-        """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
-            .every(chart => chart.querySelector('.main-svg')
-                && chart.querySelectorAll('g.trace, .hm, .imagelayer image').length)""",
+        """(least) => {
+            const charts = [
+                ...document.querySelectorAll('[data-testid="stPlotlyChart"]')];
+            return charts.length >= least && charts.every(chart =>
+                chart.querySelector('.main-svg')
+                && chart.querySelectorAll('g.trace, .hm, .imagelayer image').length);
+        }""",
+        arg=at_least,
         timeout=30_000,
     )
     return page.locator('[data-testid="stPlotlyChart"]').count()
@@ -165,7 +171,7 @@ def test_every_page_renders_without_exception(app_url, browser_page):
     for path, title in PAGES:
         page.goto(f"{app_url}/{path}", wait_until="domcontentloaded")
         _settle(page, title)
-        charts = _wait_for_charts(page)
+        charts = _wait_for_charts(page, at_least=1 if path == "" else 0)
         if path == "":
             assert charts > 0, "the Overview page shows no plotly chart"
         name = path.replace("?", "_").replace("=", "") or "overview"
