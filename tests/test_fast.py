@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from backend.fast import fast_encode, gram_bytes, pick_atoms
@@ -30,19 +30,25 @@ def fvu(x_nd, residual_nd):
     return float(residual_nd.pow(2).sum() / (x_nd - x_nd.mean(0)).pow(2).sum())
 
 
-def assert_same_until_rounding(fast, plain):
+def assert_same_until_rounding(fast, plain, atoms_md=None):
     """Picks agree step by step, or part where both correlations are rounding.
 
     Where the best correlation is at rounding level (a residual orthogonal
     to the atoms it could pick) either encoder may pick or stop; both
     coefficients are then tiny, and the two paths may differ from there on.
+    Two atoms with the same direction (to float precision: random atoms in
+    very few dimensions) are the same pick under either id.
     """
     norm0_n = plain.residual_norms[:, 0]
     tiny_n = 1e-4 * norm0_n + 1e-6
     for i in range(plain.atoms.shape[0]):
         same = plain.atoms.shape[1]
         for t in range(plain.atoms.shape[1]):
-            if fast.atoms[i, t] != plain.atoms[i, t]:
+            a, b = int(fast.atoms[i, t]), int(plain.atoms[i, t])
+            if a != b and atoms_md is not None and min(a, b) >= 0:
+                if float(atoms_md[a] @ atoms_md[b]) > 1 - 1e-6:
+                    continue  # one direction under two ids
+            if a != b:
                 assert abs(fast.coefficients[i, t]) <= tiny_n[i]
                 assert abs(plain.coefficients[i, t]) <= tiny_n[i]
                 same = t
@@ -65,6 +71,7 @@ def assert_same_until_rounding(fast, plain):
         )
 
 
+@example(d=2, n_atoms=156, k=1, seed=307, signed=True, threshold=None)
 @settings(max_examples=25, deadline=None)
 @given(
     d=st.integers(2, 40),
@@ -84,7 +91,7 @@ def test_fast_and_plain_encoders_agree(d, n_atoms, k, seed, signed, threshold):
         near = (plain.residual_norms / plain.residual_norms[:, :1] - threshold).abs()
         if bool((near < 1e-5).any()):
             return
-    assert_same_until_rounding(fast, plain)
+    assert_same_until_rounding(fast, plain, sae.atoms_md.detach())
     torch.testing.assert_close(
         sae.decode(fast.codes) + fast.residual, x_nd, atol=1e-4, rtol=1e-4
     )
